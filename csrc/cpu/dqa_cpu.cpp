@@ -1,0 +1,268 @@
+// Fused CPU kernels: forward in one pass; backward in one pass that writes dx and accumulates
+// per-chunk, per-channel partial sums of dstep, added in a fixed order afterwards.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace dqa {
+// SIMD overloads that dqa_math.h's templates need; they must precede its inclusion.
+using VecF = at::vec::Vectorized<float>;
+inline VecF rne(VecF v) { return v.round(); }  // round-to-nearest-even instruction
+inline VecF select(VecF mask, VecF a, VecF b) { return VecF::blendv(b, a, mask); }
+}  // namespace dqa
+
+#include "../dqa_args.h"
+#include "../dqa_math.h"
+
+namespace dqa {
+namespace {
+
+constexpr int64_t W = VecF::size();
+// Elements per parallel task. Backward chunks are also the units of the dstep partial sums,
+// so their bounds depend on the shape only: dstep is bitwise identical for any thread count.
+constexpr int64_t kGrain = 16384;
+constexpr int64_t kMaxChunks = 128;
+
+// x's dtypes: float32, float16, bfloat16 (check_args rejects the rest).
+#define DQA_DISPATCH(TYPE, NAME, ...)                          \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                               \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// Two float vectors (2*W elements) from / to x's dtype.
+template <typename T>
+inline void load2(const T* p, VecF& a, VecF& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = VecF::loadu(p);
+    b = VecF::loadu(p + W);
+  } else {
+    at::vec::load_to_float<T>(p, a, b);
+  }
+}
+template <typename T>
+inline void store2(T* p, VecF a, VecF b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p);
+    b.store(p + W);
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+}
+
+// The step of a run of n elements: one scalar (a row of an [outer, C, inner] block with
+// inner > 1, or a per-tensor step), or one per element (inner == 1: consecutive channels).
+struct Steps {
+  const float* lane;  // per element when non-null
+  float scalar;
+  VecF vec(int64_t i) const { return lane ? VecF::loadu(lane + i) : VecF(scalar); }
+  float at(int64_t i) const { return lane ? lane[i] : scalar; }
+};
+
+template <typename T>
+void forward_run(const T* x, T* y, Steps s, int64_t n, float qmin, float qmax) {
+  const VecF vqmin(qmin), vqmax(qmax);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    VecF x0, x1;
+    load2(x + i, x0, x1);
+    const VecF s0 = s.vec(i), s1 = s.vec(i + W);
+    store2(y + i, quantize(scaled(x0, s0), s0, vqmin, vqmax),
+           quantize(scaled(x1, s1), s1, vqmin, vqmax));
+  }
+  for (; i < n; ++i) {
+    const float si = s.at(i);
+    y[i] = static_cast<T>(quantize(scaled(static_cast<float>(x[i]), si), si, qmin, qmax));
+  }
+}
+
+// dx for n elements; with kStepGrad also the dstep terms: summed into the returned float when
+// the run has one step, or added per element into acc[0..n) when it has one step per element.
+template <typename T, bool kStepGrad>
+float backward_run(const T* dy, const T* x, T* dx, Steps s, int64_t n, float qmin, float qmax,
+                   float* acc) {
+  const VecF vqmin(qmin), vqmax(qmax);
+  VecF sum0(0.f), sum1(0.f);
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    VecF x0, x1, g0, g1;
+    load2(x + i, x0, x1);
+    load2(dy + i, g0, g1);
+    const VecF s0 = s.vec(i), s1 = s.vec(i + W);
+    const VecF v0 = scaled(x0, s0), v1 = scaled(x1, s1);
+    store2(dx + i, grad_input(v0, g0, s0, vqmin, vqmax), grad_input(v1, g1, s1, vqmin, vqmax));
+    if constexpr (kStepGrad) {
+      const VecF t0 = g0 * grad_step_term(v0, vqmin, vqmax);
+      const VecF t1 = g1 * grad_step_term(v1, vqmin, vqmax);
+      if (acc) {
+        (VecF::loadu(acc + i) + t0).store(acc + i);
+        (VecF::loadu(acc + i + W) + t1).store(acc + i + W);
+      } else {
+        sum0 = sum0 + t0;
+        sum1 = sum1 + t1;
+      }
+    }
+  }
+  float tail = 0.f;
+  for (; i < n; ++i) {
+    const float si = s.at(i), g = static_cast<float>(dy[i]);
+    const float v = scaled(static_cast<float>(x[i]), si);
+    dx[i] = static_cast<T>(grad_input(v, g, si, qmin, qmax));
+    if constexpr (kStepGrad) {
+      const float t = g * grad_step_term(v, qmin, qmax);
+      if (acc) {
+        acc[i] += t;
+      } else {
+        tail += t;
+      }
+    }
+  }
+  if constexpr (kStepGrad) {
+    if (!acc) {
+      float lanes[W];
+      (sum0 + sum1).store(lanes);
+      float total = 0.f;
+      for (const float l : lanes) total += l;
+      return total + tail;
+    }
+  }
+  return 0.f;
+}
+
+// Calls f(offset, count, channel, steps) for the runs that make up elements [begin, end) of
+// the block: a run never crosses a row, so it has one step or consecutive channels' steps.
+template <typename F>
+void for_each_run(const Blocks& b, const float* step, int64_t begin, int64_t end, F&& f) {
+  const int64_t row = b.inner > 1 || b.channels == 1 ? b.inner : b.channels;
+  for (int64_t i = begin; i < end;) {
+    const int64_t r = i / row, within = i - r * row;
+    const int64_t n = std::min(end - i, row - within);
+    if (row == b.inner) {
+      const int64_t c = b.channels == 1 ? 0 : r % b.channels;
+      f(i, n, c, Steps{nullptr, step[c]});
+    } else {
+      f(i, n, within, Steps{step + within, 0.f});
+    }
+    i += n;
+  }
+}
+
+at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& step, int64_t qmin,
+                             int64_t qmax, int64_t channel_dim, double /*grad_scale*/) {
+  const int64_t dim = check_args(x, step, qmin, qmax, channel_dim);
+  check_step_values(step);
+  const at::Tensor xd = dense(x);
+  at::Tensor y = at::empty_like(xd);
+  if (xd.numel() == 0) return y;
+  const Blocks b = blocks_of(xd, dim, step);
+  const at::Tensor s = step.contiguous();
+  const float* sp = s.const_data_ptr<float>();
+  const float fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
+  DQA_DISPATCH(xd.scalar_type(), "dqa_forward", [&] {
+    const scalar_t* xp = xd.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, xd.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      for_each_run(b, sp, begin, end, [&](int64_t i, int64_t n, int64_t, Steps st) {
+        forward_run(xp + i, yp + i, st, n, fmin, fmax);
+      });
+    });
+  });
+  return y;
+}
+
+template <typename T>
+void backward_no_step_grad(const T* dyp, const T* xp, T* dxp, const Blocks& b, const float* sp,
+                           int64_t numel, float qmin, float qmax) {
+  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+    for_each_run(b, sp, begin, end, [&](int64_t i, int64_t n, int64_t, Steps st) {
+      backward_run<T, false>(dyp + i, xp + i, dxp + i, st, n, qmin, qmax, nullptr);
+    });
+  });
+}
+
+// Fills partial[k * C + c] with chunk k's sum of dy * t over channel c (double).
+template <typename T>
+void backward_with_step_grad(const T* dyp, const T* xp, T* dxp, const Blocks& b,
+                             const float* sp, int64_t numel, float qmin, float qmax,
+                             int64_t chunk, std::vector<double>& partial) {
+  const int64_t C = b.channels;
+  const bool lanes = !(b.inner > 1 || C == 1);
+  const int64_t nchunks = (numel + chunk - 1) / chunk;
+  at::parallel_for(0, nchunks, 1, [&](int64_t kbeg, int64_t kend) {
+    std::vector<float> acc(lanes ? C : 0);
+    for (int64_t k = kbeg; k < kend; ++k) {
+      double* out = partial.data() + k * C;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t begin = k * chunk, end = std::min(numel, begin + chunk);
+      for_each_run(b, sp, begin, end, [&](int64_t i, int64_t n, int64_t c, Steps st) {
+        const float part = backward_run<T, true>(dyp + i, xp + i, dxp + i, st, n, qmin, qmax,
+                                                 lanes ? acc.data() + c : nullptr);
+        if (!lanes) out[c] += part;
+      });
+      for (const auto c : c10::irange(lanes ? C : 0)) out[c] = acc[c];
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& step, int64_t qmin,
+    int64_t qmax, int64_t channel_dim, double grad_scale, bool need_step_grad) {
+  const int64_t dim = check_args(x, step, qmin, qmax, channel_dim);
+  check_backward_args(grad_y, x, grad_scale);
+  check_step_values(step);
+  const at::Tensor xd = dense(x);
+  const at::Tensor dyd = with_layout_of(grad_y, xd);
+  at::Tensor dx = at::empty_like(xd);
+  at::Tensor dstep = need_step_grad ? at::zeros(step.sizes(), step.options())
+                                    : at::empty({0}, step.options());
+  const int64_t numel = xd.numel();
+  if (numel == 0) return {dx, dstep};
+  const Blocks b = blocks_of(xd, dim, step);
+  const at::Tensor s = step.contiguous();
+  const float* sp = s.const_data_ptr<float>();
+  const float fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
+  // Chunks of whole rows when steps vary per element, so each run starts at channel 0.
+  const bool lanes = !(b.inner > 1 || b.channels == 1);
+  int64_t chunk = std::max(kGrain, (numel + kMaxChunks - 1) / kMaxChunks);
+  if (lanes) chunk = (chunk + b.channels - 1) / b.channels * b.channels;
+  std::vector<double> partial;
+  if (need_step_grad) partial.assign(((numel + chunk - 1) / chunk) * b.channels, 0.0);
+
+  DQA_DISPATCH(xd.scalar_type(), "dqa_backward", [&] {
+    const scalar_t* xp = xd.const_data_ptr<scalar_t>();
+    const scalar_t* dyp = dyd.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    if (need_step_grad) {
+      backward_with_step_grad(dyp, xp, dxp, b, sp, numel, fmin, fmax, chunk, partial);
+    } else {
+      backward_no_step_grad(dyp, xp, dxp, b, sp, numel, fmin, fmax);
+    }
+  });
+  if (need_step_grad) {
+    float* dp = dstep.mutable_data_ptr<float>();
+    const int64_t C = b.channels, nchunks = static_cast<int64_t>(partial.size()) / C;
+    for (const auto c : c10::irange(C)) {
+      double total = 0.0;
+      for (const auto k : c10::irange(nchunks)) total += partial[k * C + c];
+      dp[c] = static_cast<float>(grad_scale * total);
+    }
+  }
+  return {dx, dstep};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dqa_ext, CPU, m) {
+  m.impl("fake_quantize", &fake_quantize_cpu);
+  m.impl("fake_quantize_backward", &fake_quantize_backward_cpu);
+}
+
+}  // namespace dqa

@@ -1,0 +1,25 @@
+// Op schemas of dqa_ext. Kernels register per device: cpu/dqa_cpu.cpp, cuda/dqa_cuda.cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import dqa_ext._C` loads this library, which runs the registrations below; no Python
+// bindings are needed since the ops are reached through torch.ops.dqa_ext.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(dqa_ext, m) {
+  // y = clamp(rne(x / step), qmin, qmax) * step, per element, in x's dtype and memory format.
+  // grad_scale is not used by the forward: it is an input so that the autograd formula
+  // (dqa_ext/ops.py) can hand it to the backward without an extra op.
+  m.def(
+      "fake_quantize(Tensor x, Tensor step, int qmin, int qmax, int channel_dim, "
+      "float grad_scale=1.0) -> Tensor");
+  // (grad_x, grad_step). grad_step has step's shape, or is empty when need_step_grad is false.
+  m.def(
+      "fake_quantize_backward(Tensor grad_y, Tensor x, Tensor step, int qmin, int qmax, "
+      "int channel_dim, float grad_scale, bool need_step_grad) -> (Tensor, Tensor)");
+}

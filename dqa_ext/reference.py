@@ -1,0 +1,172 @@
+"""dqa_ext's math in plain PyTorch: line for line with csrc/dqa_math.h and the argument checks of
+csrc/dqa_args.cpp. It is the CPU fallback when the extension is not built, and the oracle of the
+parity tests.
+
+    v = float32(x) / s
+    y = cast(clamp(rne(v), qmin, qmax) * s)
+    dx = dy if qmin < v < qmax else 0
+    dstep[c] = grad_scale * sum_c float32(dy) * t(v),
+    t(v) = qmin if v <= qmin, qmax if v >= qmax, rne(v) - v otherwise
+"""
+
+import math
+
+import torch
+
+FLT_MAX = torch.finfo(torch.float32).max
+_MAX_LEVEL = 2**24
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_args(x, step, qmin, qmax, channel_dim):
+    """The checks of dqa::check_args, with the same messages; returns channel_dim wrapped."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"dqa_ext: x must be a tensor, got {type(x).__name__}")
+    if not isinstance(step, torch.Tensor):
+        raise TypeError(f"dqa_ext: step must be a tensor, got {type(step).__name__}")
+    if x.dtype not in _X_DTYPES:
+        raise RuntimeError(f"dqa_ext: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1:
+        raise RuntimeError("dqa_ext: x must have at least 1 dimension, got a 0-d tensor")
+    if step.dtype != torch.float32:
+        raise RuntimeError(f"dqa_ext: step must be float32, got {step.dtype}")
+    if step.device != x.device:
+        raise RuntimeError(f"dqa_ext: step must be on x's device ({x.device}), got {step.device}")
+    if not qmin < qmax:
+        raise RuntimeError(f"dqa_ext: qmin must be < qmax, got qmin={qmin}, qmax={qmax}")
+    if qmin < -_MAX_LEVEL or qmax > _MAX_LEVEL:
+        raise RuntimeError("dqa_ext: qmin and qmax must lie in [-2**24, 2**24] (exact in float32), "
+                           f"got qmin={qmin}, qmax={qmax}")
+    ndim = x.dim()
+    if not -ndim <= channel_dim < ndim:
+        raise RuntimeError(f"dqa_ext: channel_dim must be in [{-ndim}, {ndim - 1}] for x of shape "
+                           f"{list(x.shape)}, got {channel_dim}")
+    dim = channel_dim % ndim
+    channels = x.shape[dim]
+    if step.numel() not in (1, channels):
+        raise RuntimeError(f"dqa_ext: step must have 1 element (per-tensor) or x.shape[channel_dim] = "
+                           f"{channels} elements (per-channel), got {step.numel()} "
+                           f"(shape {list(step.shape)})")
+    return dim
+
+
+def check_backward_args(grad_y, x, grad_scale):
+    if grad_y.shape != x.shape:
+        raise RuntimeError(f"dqa_ext: grad_y must have x's shape {list(x.shape)}, got {list(grad_y.shape)}")
+    if grad_y.dtype != x.dtype:
+        raise RuntimeError(f"dqa_ext: grad_y must have x's dtype {x.dtype}, got {grad_y.dtype}")
+    if grad_y.device != x.device:
+        raise RuntimeError(f"dqa_ext: grad_y must be on x's device ({x.device}), got {grad_y.device}")
+    if not math.isfinite(grad_scale):
+        raise RuntimeError(f"dqa_ext: grad_scale must be finite, got {grad_scale}")
+
+
+def check_step_values(step):
+    """CPU only: every step finite and > 0 (on CUDA a check would need a host sync)."""
+    bad = ~(torch.isfinite(step) & (step > 0)).reshape(-1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise RuntimeError(f"dqa_ext: step must be finite and > 0, got step[{i}] = {step.reshape(-1)[i].item()}")
+
+
+def sum_but(t, dim):
+    """Sum over every dim but `dim` (torch reads an empty dim list as "all dims": avoid it)."""
+    others = [d for d in range(t.dim()) if d != dim]
+    return t.sum(dim=others) if others else t
+
+
+def _step_view(x, step, dim):
+    """step broadcast against x: one value, or one per channel along dim."""
+    shape = [1] * x.dim()
+    if step.numel() != 1:
+        shape[dim] = -1
+    return step.reshape(shape)
+
+
+def _prepare(x, step, qmin, qmax, channel_dim):
+    dim = check_args(x, step, qmin, qmax, channel_dim)
+    # A value check is data-dependent: under torch.compile the reference gives NaN for a bad step
+    # instead, as the CUDA kernels do.
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_step_values(step)
+    return checked_step(_step_view(x, step, dim)), dim
+
+
+# --- the per-element math (csrc/dqa_math.h) ---
+
+def rne(v):
+    return torch.round(v)  # half to even
+
+
+def select(c, a, b):
+    return torch.where(c, a, b)
+
+
+def checked_step(s):
+    return select((s > 0) & (s <= FLT_MAX), s, math.nan)
+
+
+def scaled(x, s):
+    return x / s
+
+
+def quantize(v, s, qmin, qmax):
+    q = rne(v)
+    q = select(q < qmin, qmin, q)
+    q = select(q > qmax, qmax, q)
+    return q * s
+
+
+def grad_input(v, dy, s, qmin, qmax):
+    return select((v > qmin) & (v < qmax), dy, s * 0.0)
+
+
+def grad_step_term(v, qmin, qmax):
+    return select(v <= qmin, float(qmin), select(v >= qmax, float(qmax), rne(v) - v))
+
+
+# --- the ops ---
+
+def fake_quantize_forward(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0):
+    s, _ = _prepare(x, step, qmin, qmax, channel_dim)
+    return quantize(scaled(x.float(), s), s, float(qmin), float(qmax)).to(x.dtype)
+
+
+def fake_quantize_backward(grad_y, x, step, qmin, qmax, channel_dim=1, grad_scale=1.0,
+                           need_step_grad=True):
+    """(dx, dstep); dstep is summed in float64 and is empty when need_step_grad is False."""
+    s, dim = _prepare(x, step, qmin, qmax, channel_dim)
+    check_backward_args(grad_y, x, grad_scale)
+    v = scaled(x.float(), s)
+    dy = grad_y.float()
+    dx = grad_input(v, dy, s, float(qmin), float(qmax)).to(x.dtype)
+    if not need_step_grad:
+        return dx, step.new_empty(0)
+    terms = (dy * grad_step_term(v, qmin, qmax)).double()
+    total = terms.sum() if step.numel() == 1 else sum_but(terms, dim)
+    return dx, (grad_scale * total).float().reshape(step.shape)
+
+
+class _FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(x, step, qmin, qmax, channel_dim, grad_scale):
+        return fake_quantize_forward(x, step, qmin, qmax, channel_dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, step, qmin, qmax, channel_dim, grad_scale = inputs
+        ctx.save_for_backward(x, step)
+        ctx.args = (qmin, qmax, channel_dim, grad_scale)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, step = ctx.saved_tensors
+        qmin, qmax, channel_dim, grad_scale = ctx.args
+        dx, dstep = fake_quantize_backward(grad_y, x, step, qmin, qmax, channel_dim, grad_scale,
+                                           ctx.needs_input_grad[1])
+        return dx, (dstep if ctx.needs_input_grad[1] else None), None, None, None, None
+
+
+def fake_quantize(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0):
+    """Differentiable fake quantization on the reference path (explicit backward formulas)."""
+    return _FakeQuantize.apply(x, step, qmin, qmax, channel_dim, grad_scale)

@@ -1,0 +1,188 @@
+"""DQAReLU and convert: initialisation, learning, fixed mode, state_dict, layouts, AMP, backends."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import dqa_ext
+from dqa_ext import _backend, reference
+
+from conftest import DEVICES, needs_extension
+from parity import bitwise_equal
+
+
+def test_lsq_initialisation_per_channel_and_per_tensor():
+    x = torch.randn(8, 3, 5, 5) * torch.tensor([1.0, 2.0, 4.0]).view(1, 3, 1, 1)
+    m = dqa_ext.DQAReLU(bits=2)
+    m(x)
+    expected = 2 * x.abs().mean(dim=(0, 2, 3)) / math.sqrt(3)
+    torch.testing.assert_close(m.step.detach(), expected)
+    assert m.num_channels == 3 and isinstance(m.step, nn.Parameter)
+    t = dqa_ext.DQAReLU(bits=3, per_channel=False)
+    t(x)
+    torch.testing.assert_close(t.step.detach(), (2 * x.abs().mean() / math.sqrt(7)).reshape(1))
+    steps_after_init = m.step.detach().clone()
+    m(x * 10)  # initialised once only
+    assert torch.equal(m.step.detach(), steps_after_init)
+
+
+def test_fixed_mode_defaults_and_no_step_gradient(monkeypatch):
+    m = dqa_ext.DQAReLU(bits=2, mode="fixed", num_channels=4)
+    assert not isinstance(m.step, nn.Parameter) and torch.equal(m.step, torch.full((4,), 1 / 3))
+    assert list(m.parameters()) == []
+    calls = []
+    real = torch.ops.dqa_ext.fake_quantize_backward
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[-1])
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.dqa_ext, "fake_quantize_backward", Spy())
+    x = torch.rand(2, 4, 3, 3, requires_grad=True) * 2
+    x.retain_grad()
+    y = m(x)
+    y.sum().backward()
+    assert m.step.grad is None
+    assert calls == [False]  # the backward skipped the step-gradient reduction
+    assert y.max() <= 1.0 and set(torch.unique(y * 3).round().tolist()) <= {0.0, 1.0, 2.0, 3.0}
+
+
+def test_grad_scale_lsq():
+    m = dqa_ext.DQAReLU(bits=2, num_channels=3, init_step=0.5)
+    x = torch.randn(4, 3, 6, 5)
+    assert m._grad_scale(x, 1) == pytest.approx(1 / math.sqrt(30 * 3))
+    assert dqa_ext.DQAReLU(bits=2, init_step=0.5, per_channel=False)._grad_scale(x, 1) == pytest.approx(1 / math.sqrt(90 * 3))
+    assert dqa_ext.DQAReLU(bits=2, init_step=0.5, num_channels=6, channel_dim=-1)._grad_scale(torch.randn(7, 6), 1) == pytest.approx(1 / math.sqrt(3))
+    assert dqa_ext.DQAReLU(bits=2, grad_scale=0.25)._grad_scale(x, 1) == 0.25
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_matches_reference_backend(device, backend):
+    """The module through the extension equals the module through the reference, bit for bit."""
+    needs_extension(device)
+    torch.manual_seed(0)
+    x = (torch.randn(4, 6, 7, 7, device=device) * 2).to(memory_format=torch.channels_last)
+    out = {}
+    for name in ("extension", "reference"):
+        backend(name)
+        m = dqa_ext.DQAReLU(bits=2, num_channels=6, init_step=0.4).to(device)
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        (y * torch.arange(y.numel(), device=device).reshape(y.shape).sin()).sum().backward()
+        out[name] = (y.detach(), xx.grad, m.step.grad)
+    bitwise_equal(out["extension"][0], out["reference"][0])
+    bitwise_equal(out["extension"][1], out["reference"][1])
+    torch.testing.assert_close(out["extension"][2], out["reference"][2], rtol=1e-5, atol=1e-7)
+    assert out["extension"][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_dqa_relu_learns():
+    """A tiny regression: the loss falls and the learned steps move."""
+    torch.manual_seed(0)
+    x = torch.rand(256, 8) * 4 - 1
+    target = (x @ torch.randn(8, 1)).relu()
+    model = nn.Sequential(nn.Linear(8, 32), dqa_ext.DQAReLU(bits=3, channel_dim=-1), nn.Linear(32, 1))
+    model(x)  # materialise and initialise the lazy step before building the optimizer
+    act = model[1]
+    start = act.step.detach().clone()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert (act.step.detach() - start).abs().max() > 1e-3
+    assert act in [m for m in model.modules() if isinstance(m, dqa_ext.DQAReLU)]
+
+
+def test_learned_step_stays_positive():
+    m = dqa_ext.DQAReLU(bits=2, num_channels=2, init_step=0.5)
+    with torch.no_grad():
+        m.step.copy_(torch.tensor([-0.5, 0.0]))
+    y = m(torch.full((1, 2), 0.6))
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, torch.tensor([[0.5, 3e-6]]), rtol=0, atol=1e-6)
+
+
+def test_state_dict_round_trip_and_lazy_load():
+    torch.manual_seed(0)
+    m = dqa_ext.DQAReLU(bits=2)
+    m(torch.randn(4, 5, 3, 3))
+    sd = m.state_dict()
+    assert set(sd) == {"step", "_extra_state"} and sd["_extra_state"] == {"initialized": True}
+    fresh = dqa_ext.DQAReLU(bits=2)  # lazy, not initialised
+    fresh.load_state_dict(sd)
+    assert fresh.initialized and torch.equal(fresh.step, m.step)
+    fresh(torch.randn(4, 5, 3, 3) * 100)  # a loaded model is never re-initialised
+    assert torch.equal(fresh.step, m.step)
+    fixed = dqa_ext.DQAReLU(bits=1, mode="fixed", num_channels=5)
+    again = dqa_ext.DQAReLU(bits=1, mode="fixed")
+    again.load_state_dict(fixed.state_dict())
+    assert torch.equal(again.step, fixed.step)
+
+
+def test_extra_repr():
+    assert repr(dqa_ext.DQAReLU(3, "fixed", num_channels=4)) == "DQAReLU(bits=3, mode=fixed, channels=4, channel_dim=1)"
+    assert "channels=lazy" in repr(dqa_ext.DQAReLU())
+    assert "channels=per-tensor" in repr(dqa_ext.DQAReLU(per_channel=False))
+
+
+def test_convert_replaces_every_relu():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True),
+                          nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()), nn.Flatten(), nn.Linear(4 * 24 * 24, 3), nn.ReLU())
+    out = dqa_ext.convert(model, bits=3, mode="fixed")
+    assert out is model
+    acts = [m for m in model.modules() if isinstance(m, dqa_ext.DQAReLU)]
+    assert len(acts) == 3 and not any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert all(a.bits == 3 and a.mode == "fixed" for a in acts)
+    y = model(torch.randn(2, 1, 28, 28))
+    assert y.shape == (2, 3) and (y >= 0).all()
+    lone = dqa_ext.convert(nn.ReLU(), bits=1, per_channel=False)
+    assert isinstance(lone, dqa_ext.DQAReLU) and not lone.per_channel
+
+
+def test_autocast_bfloat16_cpu():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), dqa_ext.DQAReLU(2), nn.Conv2d(4, 2, 3))
+    x = torch.randn(2, 3, 9, 9)
+    model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model[1](model[0](x))
+        assert h.dtype == torch.bfloat16
+        model(x).float().sum().backward()
+    assert model[1].step.grad is not None and torch.isfinite(model[1].step.grad).all()
+
+
+def test_backend_selection(backend, monkeypatch):
+    calls = []
+    monkeypatch.setattr(reference, "fake_quantize", lambda *a: calls.append(a) or a[0])
+    backend("reference")
+    dqa_ext.functional.fake_quantize(torch.ones(3), torch.ones(1), 0, 3, 0)
+    assert len(calls) == 1
+    if _backend.BUILT_FOR["cpu"]:
+        backend("auto")
+        dqa_ext.functional.fake_quantize(torch.ones(3), torch.ones(1), 0, 3, 0)
+        assert len(calls) == 1  # the extension ran
+    backend("extension")
+    with pytest.raises(RuntimeError, match="DQA_EXT_BACKEND=extension, but the extension cannot run on mps"):
+        _backend.use_extension("mps")
+    backend("auto")
+    monkeypatch.setattr(_backend, "_warned", set())
+    with pytest.warns(UserWarning, match="using the pure-PyTorch reference on mps"):
+        assert not _backend.use_extension("mps")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        _backend.use_extension("mps")
+
+
+def test_backend_info():
+    info = dqa_ext.backend_info()
+    assert info["torch"] == torch.__version__
+    assert info["cpu_kernels"] == _backend.BUILT_FOR["cpu"]
+    assert {"cuda_kernels", "extension_loaded", "backend"} <= set(info)
