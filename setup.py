@@ -69,8 +69,10 @@ def extension():
     cap = cpu_capability()
     cuda = want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"] + CPU_CAPABILITIES[cap]
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")])
+    # -fopenmp: at::parallel_for only runs in parallel when _OPENMP is defined (torch's own
+    # libgomp then serves it).
+    cxx = ["-O3", "-fopenmp"] + CPU_CAPABILITIES[cap]
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     archs = ""
     if cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))

@@ -12,9 +12,9 @@ def fake_quantize(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0):
     step: float32, one element (per-tensor) or x.shape[channel_dim] elements (per-channel).
     Backward: straight-through dx inside (qmin, qmax); LSQ's step gradient times grad_scale.
     """
+    reference.check_level_types(qmin, qmax)
     if _backend.use_extension(x.device.type):
-        return torch.ops.dqa_ext.fake_quantize(x, step, int(qmin), int(qmax), int(channel_dim),
-                                               float(grad_scale))
+        return torch.ops.dqa_ext.fake_quantize(x, step, qmin, qmax, channel_dim, float(grad_scale))
     return reference.fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale)
 
 

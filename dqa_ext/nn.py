@@ -11,6 +11,15 @@ from .functional import check_bits, quantized_relu
 _MODES = ("dynamic", "fixed")
 
 
+def _average_across_ranks(t):
+    """Under torch.distributed, every rank initialises from the mean of all ranks' first batches,
+    so the steps agree even when the module is initialised inside DDP."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+
+
 class DQAReLU(nn.Module):
     """Quantized ReLU with a fixed or learned (dynamic) step, per channel or per tensor.
 
@@ -24,7 +33,8 @@ class DQAReLU(nn.Module):
             2*mean(|x|)/sqrt(qmax) per channel unless init_step is given; "fixed": s is a buffer,
             default 1/qmax (outputs in [0, 1]).
         num_channels: the size of x along channel_dim; None infers it at the first forward
-            (then run one forward before creating the optimizer or wrapping in DDP).
+            (then run one forward before creating the optimizer, wrapping in DDP, or compiling
+            with fullgraph=True).
         channel_dim: the channel axis of x (negative allowed).
         per_channel: one step per channel, or one for the whole tensor.
         init_step: a positive float to start s from, skipping the data-driven initialisation.
@@ -74,17 +84,19 @@ class DQAReLU(nn.Module):
     def num_channels(self):
         return None if isinstance(self.step, nn.parameter.UninitializedTensorMixin) else self.step.numel()
 
-    @torch.no_grad()
     def _initialize(self, x, dim):
-        if isinstance(self.step, nn.parameter.UninitializedTensorMixin):
-            self.step.materialize((x.shape[dim] if self.per_channel else 1,), device=x.device,
-                                  dtype=torch.float32)
-            self.step.copy_(self._start(self.step.numel(), x.device))
-        if not self.initialized:
-            a = x.detach().float().abs()
-            mean_abs = reference.sum_but(a, dim) / (a.numel() // a.shape[dim]) if self.per_channel else a.mean()
-            self.step.copy_((2 * mean_abs / math.sqrt(self.qmax)).clamp_min(self.min_step).reshape(-1))
-            self.initialized = True
+        # inference_mode(False): a step made during an inference-mode forward must still train.
+        with torch.inference_mode(False), torch.no_grad():
+            if isinstance(self.step, nn.parameter.UninitializedTensorMixin):
+                self.step.materialize((x.shape[dim] if self.per_channel else 1,), device=x.device,
+                                      dtype=torch.float32)
+                self.step.copy_(self._start(self.step.numel(), x.device))
+            if not self.initialized:
+                a = x.detach().float().abs()
+                mean_abs = reference.sum_but(a, dim) / (a.numel() // a.shape[dim]) if self.per_channel else a.mean()
+                _average_across_ranks(mean_abs)
+                self.step.copy_((2 * mean_abs / math.sqrt(self.qmax)).clamp_min(self.min_step).reshape(-1))
+                self.initialized = True
 
     def _grad_scale(self, x, dim):
         if self.grad_scale != "lsq":
@@ -95,13 +107,30 @@ class DQAReLU(nn.Module):
         return 1.0 / math.sqrt(per_sample * self.qmax)
 
     def forward(self, x):
-        dim = self.channel_dim % x.dim() if x.dim() else self.channel_dim
+        dim = reference.wrap_channel_dim(x, self.channel_dim)
         if not self.initialized or isinstance(self.step, nn.parameter.UninitializedTensorMixin):
             self._initialize(x, dim)
-        step = self.step
+        if self.per_channel and self.step.numel() != x.shape[dim]:
+            raise ValueError(
+                f"DQAReLU: this module has {self.step.numel()} per-channel steps but got an input with "
+                f"{x.shape[dim]} channels along channel_dim={self.channel_dim}; a ReLU module reused at "
+                "places with different channel counts needs separate modules or per_channel=False")
+        step = self.step.float()  # the op takes a float32 step, also in a model cast to half
         if self.mode == "dynamic":
             step = step.abs().clamp_min(self.min_step)
         return quantized_relu(x, step, self.bits, self.channel_dim, self._grad_scale(x, dim))
+
+    def _apply(self, fn, recurse=True):
+        # A lazy step has no data to move or cast (Module.to, .half(), memory formats); it is
+        # made on the input's device, in float32, at the first forward.
+        if not isinstance(self.step, nn.parameter.UninitializedTensorMixin):
+            return super()._apply(fn, recurse)
+        table = self._parameters if "step" in self._parameters else self._buffers
+        lazy = table.pop("step")
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            table["step"] = lazy
 
     # The state_dict keeps whether the step was initialised, so a loaded model never re-initialises.
     def get_extra_state(self):

@@ -32,22 +32,35 @@ def check_args(x, step, qmin, qmax, channel_dim):
         raise RuntimeError(f"dqa_ext: step must be float32, got {step.dtype}")
     if step.device != x.device:
         raise RuntimeError(f"dqa_ext: step must be on x's device ({x.device}), got {step.device}")
+    check_level_types(qmin, qmax)
     if not qmin < qmax:
         raise RuntimeError(f"dqa_ext: qmin must be < qmax, got qmin={qmin}, qmax={qmax}")
     if qmin < -_MAX_LEVEL or qmax > _MAX_LEVEL:
         raise RuntimeError("dqa_ext: qmin and qmax must lie in [-2**24, 2**24] (exact in float32), "
                            f"got qmin={qmin}, qmax={qmax}")
-    ndim = x.dim()
-    if not -ndim <= channel_dim < ndim:
-        raise RuntimeError(f"dqa_ext: channel_dim must be in [{-ndim}, {ndim - 1}] for x of shape "
-                           f"{list(x.shape)}, got {channel_dim}")
-    dim = channel_dim % ndim
+    dim = wrap_channel_dim(x, channel_dim)
     channels = x.shape[dim]
     if step.numel() not in (1, channels):
         raise RuntimeError(f"dqa_ext: step must have 1 element (per-tensor) or x.shape[channel_dim] = "
                            f"{channels} elements (per-channel), got {step.numel()} "
                            f"(shape {list(step.shape)})")
     return dim
+
+
+def check_level_types(qmin, qmax):
+    """qmin and qmax are integers (the op schema's `int`); a float would be truncated."""
+    for name, value in (("qmin", qmin), ("qmax", qmax)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"dqa_ext: {name} must be an integer, got {value!r}")
+
+
+def wrap_channel_dim(x, channel_dim):
+    """channel_dim in [0, x.dim()), or the same error as the extension's."""
+    ndim = x.dim()
+    if not -ndim <= channel_dim < ndim:
+        raise RuntimeError(f"dqa_ext: channel_dim must be in [{-ndim}, {ndim - 1}] for x of shape "
+                           f"{list(x.shape)}, got {channel_dim}")
+    return channel_dim % ndim
 
 
 def check_backward_args(grad_y, x, grad_scale):

@@ -19,8 +19,9 @@ def bitwise_equal(a, b):
 
 
 def step_grad_tolerance(dy, x, step, qmin, qmax, dim, grad_scale):
-    """Float32 summation error bound of dstep against the float64 reference sum: blocks of at most
-    1024 float32 additions, then exact-enough wider sums, then one rounding of the result."""
+    """Float32 summation error bound of dstep against the float64 reference sum: float32 partial
+    sums of at most 1024 terms per lane plus a 16-lane reduction (the CPU kernel flushes its
+    accumulators into double that often), then wider sums, then one rounding of the result."""
     s = reference.checked_step(reference._step_view(x, step, dim % x.dim()))
     v = reference.scaled(x.float(), s)
     terms = (dy.float() * reference.grad_step_term(v, qmin, qmax)).double().abs()
@@ -28,7 +29,7 @@ def step_grad_tolerance(dy, x, step, qmin, qmax, dim, grad_scale):
         mass, count = terms.sum().reshape(1), x.numel()
     else:
         mass, count = reference.sum_but(terms, dim % x.dim()), x.numel() // max(1, step.numel())
-    return (abs(grad_scale) * min(count, 1024) * U * mass + 1e-30).reshape(step.shape)
+    return (abs(grad_scale) * min(count, 1100) * U * mass + 1e-30).reshape(step.shape)
 
 
 def check_parity(x, step, qmin, qmax, dim, grad_scale=1.0, dy=None, need_step_grad=True):

@@ -167,3 +167,26 @@ def test_over_2_31_elements(device):
     del y
     y = torch.ops.dqa_ext.fake_quantize(x, step[:1], 0, 3, 1)  # per-tensor: one [1, 1, numel] block
     bitwise_equal(y[-1], reference.fake_quantize_forward(x[-1], step[:1], 0, 3, 0))
+
+
+@pytest.mark.parametrize("shape,channels_last", [((2**16, 2), False), ((2**24,), False), ((8, 4, 64, 64), True)])
+def test_step_grad_accuracy_constant_terms(shape, channels_last):
+    """Equal terms are the worst case for a float32 running sum: the kernel's float accumulators
+    must be flushed into wider sums often enough to stay within the stated bound."""
+    needs_extension("cpu")
+    x = torch.full(shape, 10.0)  # v >= qmax: t = qmax for every element
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    dim = 1 if len(shape) > 1 else 0
+    step = torch.ones(x.shape[dim]) if len(shape) > 1 else torch.ones(1)
+    check_parity(x, step, 0, 3, dim, dy=torch.full_like(x, 0.1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nan_bits_do_not_depend_on_position(dtype):
+    """Vector bodies and run tails convert alike: every NaN output has the same bits."""
+    needs_extension("cpu")
+    x = torch.full((4, 3, 17), float("nan"), dtype=dtype)
+    y = torch.ops.dqa_ext.fake_quantize(x, torch.ones(3), 0, 3, 1)
+    bits = y.view(torch.int16).unique()
+    assert bits.numel() == 1, bits

@@ -186,3 +186,89 @@ def test_backend_info():
     assert info["torch"] == torch.__version__
     assert info["cpu_kernels"] == _backend.BUILT_FOR["cpu"]
     assert {"cuda_kernels", "extension_loaded", "backend"} <= set(info)
+
+
+def test_convert_shared_and_container_relus():
+    shared = nn.ReLU()
+    model = nn.Sequential(nn.Linear(4, 4), shared, nn.Linear(4, 4), shared,
+                          nn.ModuleList([nn.ReLU()]), nn.ModuleDict({"a-b": nn.ReLU()}))
+    dqa_ext.convert(model, bits=2)
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    assert model[1] is model[3] and isinstance(model[1], dqa_ext.DQAReLU)
+
+
+def test_reused_module_with_other_channel_count_gets_clear_error():
+    m = dqa_ext.DQAReLU(bits=2)
+    m(torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="has 4 per-channel steps but got an input with 8 channels"):
+        m(torch.randn(2, 8, 3, 3))
+
+
+def test_lazy_module_survives_to_and_casts():
+    model = dqa_ext.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), bits=2)
+    model.to(memory_format=torch.channels_last).half().float()  # lazy step: nothing to cast
+    y = model(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))
+    assert model[1].step.dtype == torch.float32 and model[1].num_channels == 4
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    model.to(torch.bfloat16)  # an initialised step is cast like any parameter; forward still works
+    assert model(torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_first_forward_in_inference_mode_then_train():
+    for mode in ("dynamic", "fixed"):
+        m = dqa_ext.DQAReLU(bits=2, mode=mode)
+        with torch.inference_mode():
+            m(torch.randn(2, 3, 4, 4))
+        x = torch.randn(2, 3, 4, 4, requires_grad=True)
+        m(x).sum().backward()
+        assert x.grad is not None
+
+
+def test_bad_channel_dim_leaves_module_untouched():
+    m = dqa_ext.DQAReLU(bits=2)
+    with pytest.raises(RuntimeError, match="channel_dim must be in"):
+        m(torch.randn(3))  # channel_dim=1 on a 1-D input
+    assert not m.initialized and m.num_channels is None
+
+
+def test_qmin_qmax_must_be_integers():
+    with pytest.raises(TypeError, match="qmin must be an integer, got 0.5"):
+        dqa_ext.functional.fake_quantize(torch.ones(3), torch.ones(1), 0.5, 3, 0)
+    with pytest.raises(TypeError, match="qmax must be an integer, got 3.5"):
+        dqa_ext.functional.fake_quantize(torch.ones(3), torch.ones(1), 0, 3.5, 0)
+
+
+def _ddp_init_worker(rank, port, queue):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        m = dqa_ext.DQAReLU(bits=2, num_channels=3)  # initialised at its first forward
+        torch.manual_seed(rank)
+        m(torch.randn(4, 3, 5, 5) * (rank + 1))
+        queue.put((rank, m.step.detach().clone()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_initialisation_agrees_across_ranks():
+    """Under torch.distributed the first-batch statistics are averaged over ranks, so every
+    rank starts from the same steps even when initialisation happens inside DDP."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_init_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert torch.equal(results[0], results[1])

@@ -30,6 +30,9 @@ constexpr int64_t W = VecF::size();
 // so their bounds depend on the shape only: dstep is bitwise identical for any thread count.
 constexpr int64_t kGrain = 16384;
 constexpr int64_t kMaxChunks = 128;
+// Float accumulators take at most this many additions per lane before they are added into
+// double partials, which bounds the float32 rounding error of dstep.
+constexpr int64_t kFlush = 1024;
 
 // x's dtypes: float32, float16, bfloat16 (check_args rejects the rest).
 #define DQA_DISPATCH(TYPE, NAME, ...)                          \
@@ -38,23 +41,36 @@ constexpr int64_t kMaxChunks = 128;
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// Two float vectors (2*W elements) from / to x's dtype.
+// Two float vectors: the 2*W elements at p, or only the first n of them (the rest read as 0).
+// Every element, tails included, goes through the same vector conversions, so the bits written
+// (NaN payloads too) do not depend on where an element falls in a run.
 template <typename T>
-inline void load2(const T* p, VecF& a, VecF& b) {
+inline void load2(const T* p, VecF& a, VecF& b, int64_t n = 2 * W) {
   if constexpr (std::is_same_v<T, float>) {
-    a = VecF::loadu(p);
-    b = VecF::loadu(p + W);
+    if (n == 2 * W) {
+      a = VecF::loadu(p);
+      b = VecF::loadu(p + W);
+    } else {
+      a = VecF::loadu(p, std::min(n, W));
+      b = n > W ? VecF::loadu(p + W, n - W) : VecF(0.f);
+    }
   } else {
-    at::vec::load_to_float<T>(p, a, b);
+    const auto v = n == 2 * W ? at::vec::Vectorized<T>::loadu(p) : at::vec::Vectorized<T>::loadu(p, n);
+    std::tie(a, b) = at::vec::convert_to_float<T>(v);
   }
 }
 template <typename T>
-inline void store2(T* p, VecF a, VecF b) {
+inline void store2(T* p, VecF a, VecF b, int64_t n = 2 * W) {
   if constexpr (std::is_same_v<T, float>) {
-    a.store(p);
-    b.store(p + W);
+    if (n == 2 * W) {
+      a.store(p);
+      b.store(p + W);
+    } else {
+      a.store(p, std::min(n, W));
+      if (n > W) b.store(p + W, n - W);
+    }
   } else {
-    at::vec::convert_from_float<T>(a, b).store(p);
+    at::vec::convert_from_float<T>(a, b).store(p, n);
   }
 }
 
@@ -64,64 +80,55 @@ struct Steps {
   const float* lane;  // per element when non-null
   float scalar;
   VecF vec(int64_t i) const { return lane ? VecF::loadu(lane + i) : VecF(scalar); }
-  float at(int64_t i) const { return lane ? lane[i] : scalar; }
+  // Lanes past n read as step 1, so padding lanes stay finite and add nothing to dstep.
+  VecF vec(int64_t i, int64_t n) const {
+    if (!lane) return VecF(scalar);
+    if (n >= W) return VecF::loadu(lane + i);
+    float buf[W];
+    for (int64_t j = 0; j < W; ++j) buf[j] = j < n ? lane[i + j] : 1.f;
+    return VecF::loadu(buf);
+  }
 };
 
 template <typename T>
 void forward_run(const T* x, T* y, Steps s, int64_t n, float qmin, float qmax) {
   const VecF vqmin(qmin), vqmax(qmax);
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
+  for (int64_t i = 0; i < n; i += 2 * W) {
+    const int64_t m = std::min(2 * W, n - i);
     VecF x0, x1;
-    load2(x + i, x0, x1);
-    const VecF s0 = s.vec(i), s1 = s.vec(i + W);
+    load2(x + i, x0, x1, m);
+    const VecF s0 = s.vec(i, m), s1 = s.vec(i + W, m - W);
     store2(y + i, quantize(scaled(x0, s0), s0, vqmin, vqmax),
-           quantize(scaled(x1, s1), s1, vqmin, vqmax));
-  }
-  for (; i < n; ++i) {
-    const float si = s.at(i);
-    y[i] = static_cast<T>(quantize(scaled(static_cast<float>(x[i]), si), si, qmin, qmax));
+           quantize(scaled(x1, s1), s1, vqmin, vqmax), m);
   }
 }
 
 // dx for n elements; with kStepGrad also the dstep terms: summed into the returned float when
 // the run has one step, or added per element into acc[0..n) when it has one step per element.
+// Padding lanes of the last vector have x = dy = 0 and step 1, so their terms are 0.
 template <typename T, bool kStepGrad>
 float backward_run(const T* dy, const T* x, T* dx, Steps s, int64_t n, float qmin, float qmax,
                    float* acc) {
   const VecF vqmin(qmin), vqmax(qmax);
   VecF sum0(0.f), sum1(0.f);
-  int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
+  for (int64_t i = 0; i < n; i += 2 * W) {
+    const int64_t m = std::min(2 * W, n - i);
     VecF x0, x1, g0, g1;
-    load2(x + i, x0, x1);
-    load2(dy + i, g0, g1);
-    const VecF s0 = s.vec(i), s1 = s.vec(i + W);
+    load2(x + i, x0, x1, m);
+    load2(dy + i, g0, g1, m);
+    const VecF s0 = s.vec(i, m), s1 = s.vec(i + W, m - W);
     const VecF v0 = scaled(x0, s0), v1 = scaled(x1, s1);
-    store2(dx + i, grad_input(v0, g0, s0, vqmin, vqmax), grad_input(v1, g1, s1, vqmin, vqmax));
+    store2(dx + i, grad_input(v0, g0, s0, vqmin, vqmax), grad_input(v1, g1, s1, vqmin, vqmax), m);
     if constexpr (kStepGrad) {
       const VecF t0 = g0 * grad_step_term(v0, vqmin, vqmax);
       const VecF t1 = g1 * grad_step_term(v1, vqmin, vqmax);
       if (acc) {
-        (VecF::loadu(acc + i) + t0).store(acc + i);
-        (VecF::loadu(acc + i + W) + t1).store(acc + i + W);
+        VecF a0, a1;
+        load2(acc + i, a0, a1, m);
+        store2(acc + i, a0 + t0, a1 + t1, m);
       } else {
         sum0 = sum0 + t0;
         sum1 = sum1 + t1;
-      }
-    }
-  }
-  float tail = 0.f;
-  for (; i < n; ++i) {
-    const float si = s.at(i), g = static_cast<float>(dy[i]);
-    const float v = scaled(static_cast<float>(x[i]), si);
-    dx[i] = static_cast<T>(grad_input(v, g, si, qmin, qmax));
-    if constexpr (kStepGrad) {
-      const float t = g * grad_step_term(v, qmin, qmax);
-      if (acc) {
-        acc[i] += t;
-      } else {
-        tail += t;
       }
     }
   }
@@ -131,7 +138,7 @@ float backward_run(const T* dy, const T* x, T* dx, Steps s, int64_t n, float qmi
       (sum0 + sum1).store(lanes);
       float total = 0.f;
       for (const float l : lanes) total += l;
-      return total + tail;
+      return total;
     }
   }
   return 0.f;
@@ -202,12 +209,23 @@ void backward_with_step_grad(const T* dyp, const T* xp, T* dxp, const Blocks& b,
       double* out = partial.data() + k * C;
       std::fill(acc.begin(), acc.end(), 0.f);
       const int64_t begin = k * chunk, end = std::min(numel, begin + chunk);
+      int64_t rows = 0;  // rows added into acc since its last flush
       for_each_run(b, sp, begin, end, [&](int64_t i, int64_t n, int64_t c, Steps st) {
-        const float part = backward_run<T, true>(dyp + i, xp + i, dxp + i, st, n, qmin, qmax,
-                                                 lanes ? acc.data() + c : nullptr);
-        if (!lanes) out[c] += part;
+        if (lanes) {
+          backward_run<T, true>(dyp + i, xp + i, dxp + i, st, n, qmin, qmax, acc.data() + c);
+          if (c + n == C && ++rows == kFlush) {
+            for (const auto j : c10::irange(C)) out[j] += acc[j];
+            std::fill(acc.begin(), acc.end(), 0.f);
+            rows = 0;
+          }
+          return;
+        }
+        for (int64_t j = 0; j < n; j += kFlush * 2 * W) {
+          out[c] += backward_run<T, true>(dyp + i + j, xp + i + j, dxp + i + j, st,
+                                          std::min(n - j, kFlush * 2 * W), qmin, qmax, nullptr);
+        }
       });
-      for (const auto c : c10::irange(lanes ? C : 0)) out[c] = acc[c];
+      for (const auto c : c10::irange(lanes ? C : 0)) out[c] += acc[c];
     }
   });
 }
@@ -221,10 +239,10 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(
   const at::Tensor xd = dense(x);
   const at::Tensor dyd = with_layout_of(grad_y, xd);
   at::Tensor dx = at::empty_like(xd);
-  at::Tensor dstep = need_step_grad ? at::zeros(step.sizes(), step.options())
+  at::Tensor dstep = need_step_grad ? at::empty(step.sizes(), step.options())
                                     : at::empty({0}, step.options());
   const int64_t numel = xd.numel();
-  if (numel == 0) return {dx, dstep};
+  if (numel == 0) return {dx, dstep.zero_()};
   const Blocks b = blocks_of(xd, dim, step);
   const at::Tensor s = step.contiguous();
   const float* sp = s.const_data_ptr<float>();
@@ -247,13 +265,16 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(
     }
   });
   if (need_step_grad) {
+    // Chunk by chunk, so the partials are read in memory order; each channel's sum still adds
+    // its chunks in the same fixed order.
     float* dp = dstep.mutable_data_ptr<float>();
     const int64_t C = b.channels, nchunks = static_cast<int64_t>(partial.size()) / C;
-    for (const auto c : c10::irange(C)) {
-      double total = 0.0;
-      for (const auto k : c10::irange(nchunks)) total += partial[k * C + c];
-      dp[c] = static_cast<float>(grad_scale * total);
+    std::vector<double> total(partial.begin(), partial.begin() + C);
+    for (int64_t k = 1; k < nchunks; ++k) {
+      const double* row = partial.data() + k * C;
+      for (const auto c : c10::irange(C)) total[c] += row[c];
     }
+    for (const auto c : c10::irange(C)) dp[c] = static_cast<float>(grad_scale * total[c]);
   }
   return {dx, dstep};
 }
