@@ -144,21 +144,34 @@ float backward_run(const T* dy, const T* x, T* dx, Steps s, int64_t n, float qmi
   return 0.f;
 }
 
-// Calls f(offset, count, channel, steps) for the runs that make up elements [begin, end) of
-// the block: a run never crosses a row, so it has one step or consecutive channels' steps.
+// x as rows of C consecutive channels (inner == 1: channels_last, (N, C)), each element with its
+// own channel's step; otherwise as runs of one step (inner > 1, or a per-tensor step).
+inline bool channels_innermost(const Blocks& b) { return b.inner == 1 && b.channels > 1; }
+
+// Calls f(offset, count, step) for the runs of one step that make up elements [begin, end) of
+// a block that is not channels_innermost.
 template <typename F>
 void for_each_run(const Blocks& b, const float* step, int64_t begin, int64_t end, F&& f) {
-  const int64_t row = b.inner > 1 || b.channels == 1 ? b.inner : b.channels;
   for (int64_t i = begin; i < end;) {
-    const int64_t r = i / row, within = i - r * row;
-    const int64_t n = std::min(end - i, row - within);
-    if (row == b.inner) {
-      const int64_t c = b.channels == 1 ? 0 : r % b.channels;
-      f(i, n, c, Steps{nullptr, step[c]});
-    } else {
-      f(i, n, within, Steps{step + within, 0.f});
-    }
+    const int64_t r = i / b.inner, n = std::min(end - i, (r + 1) * b.inner - i);
+    f(i, n, step[b.channels == 1 ? 0 : r % b.channels]);
     i += n;
+  }
+}
+
+// Runs f(offset, count, steps) over all elements in parallel: whole rows when channels are
+// innermost, runs of one step otherwise.
+template <typename F>
+void parallel_runs(const Blocks& b, const float* sp, int64_t numel, F&& f) {
+  if (channels_innermost(b)) {
+    const int64_t C = b.channels;
+    at::parallel_for(0, numel / C, std::max<int64_t>(1, kGrain / C), [&](int64_t rb, int64_t re) {
+      for (int64_t r = rb; r < re; ++r) f(r * C, C, Steps{sp, 0.f});
+    });
+  } else {
+    at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
+      for_each_run(b, sp, begin, end, [&](int64_t i, int64_t n, float s) { f(i, n, Steps{nullptr, s}); });
+    });
   }
 }
 
@@ -176,56 +189,89 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& step, int64_
   DQA_DISPATCH(xd.scalar_type(), "dqa_forward", [&] {
     const scalar_t* xp = xd.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, xd.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for_each_run(b, sp, begin, end, [&](int64_t i, int64_t n, int64_t, Steps st) {
-        forward_run(xp + i, yp + i, st, n, fmin, fmax);
-      });
+    parallel_runs(b, sp, xd.numel(), [&](int64_t i, int64_t n, Steps st) {
+      forward_run(xp + i, yp + i, st, n, fmin, fmax);
     });
   });
   return y;
 }
 
+// Channels innermost: rows of C channels, taken in blocks of R rows (about 4096 elements, so a
+// block of x, dy and dx stays in cache). Within a block, one 2W-channel column at a time with
+// its steps and dstep sums in registers; between blocks the sums wait in acc (C floats), which
+// is added into out every kFlush rows.
 template <typename T>
-void backward_no_step_grad(const T* dyp, const T* xp, T* dxp, const Blocks& b, const float* sp,
-                           int64_t numel, float qmin, float qmax) {
-  at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    for_each_run(b, sp, begin, end, [&](int64_t i, int64_t n, int64_t, Steps st) {
-      backward_run<T, false>(dyp + i, xp + i, dxp + i, st, n, qmin, qmax, nullptr);
-    });
+void backward_rows(const T* dy, const T* x, T* dx, const float* step, int64_t rows, int64_t C,
+                   float qmin, float qmax, double* out, std::vector<float>& acc) {
+  int64_t R = 1;
+  while (R * 2 * C <= 4096 && R * 2 <= kFlush) R *= 2;  // a power of two, so it divides kFlush
+  const VecF vqmin(qmin), vqmax(qmax);
+  const Steps st{step, 0.f};
+  acc.assign(C, 0.f);
+  for (int64_t rb = 0; rb < rows; rb += R) {
+    const int64_t re = std::min(rows, rb + R);
+    for (int64_t j = 0; j < C; j += 2 * W) {
+      const int64_t m = std::min(2 * W, C - j);
+      const VecF s0 = st.vec(j, m), s1 = st.vec(j + W, m - W);
+      VecF a0, a1;
+      load2(acc.data() + j, a0, a1, m);
+      for (int64_t r = rb; r < re; ++r) {
+        const int64_t o = r * C + j;
+        VecF x0, x1, g0, g1;
+        load2(x + o, x0, x1, m);
+        load2(dy + o, g0, g1, m);
+        const VecF v0 = scaled(x0, s0), v1 = scaled(x1, s1);
+        store2(dx + o, grad_input(v0, g0, s0, vqmin, vqmax), grad_input(v1, g1, s1, vqmin, vqmax), m);
+        a0 = a0 + g0 * grad_step_term(v0, vqmin, vqmax);
+        a1 = a1 + g1 * grad_step_term(v1, vqmin, vqmax);
+      }
+      store2(acc.data() + j, a0, a1, m);
+    }
+    if (re % kFlush == 0 || re == rows) {
+      for (const auto c : c10::irange(C)) out[c] += acc[c];
+      acc.assign(C, 0.f);
+    }
+  }
+}
+
+// Runs of one step: each run's float sums cover at most kFlush vectors per lane.
+template <typename T>
+void backward_runs(const T* dy, const T* x, T* dx, const Blocks& b, const float* sp,
+                   int64_t begin, int64_t end, float qmin, float qmax, double* out) {
+  for_each_run(b, sp, begin, end, [&](int64_t i, int64_t n, float s) {
+    const int64_t c = b.channels == 1 ? 0 : (i / b.inner) % b.channels;
+    for (int64_t j = 0; j < n; j += kFlush * 2 * W) {
+      out[c] += backward_run<T, true>(dy + i + j, x + i + j, dx + i + j, Steps{nullptr, s},
+                                      std::min(n - j, kFlush * 2 * W), qmin, qmax, nullptr);
+    }
   });
 }
 
-// Fills partial[k * C + c] with chunk k's sum of dy * t over channel c (double).
+// Elements per dstep chunk: fixed by the shape alone (whole rows when channels are innermost),
+// so the partial sums, and their fixed-order total, do not depend on the thread count.
+int64_t step_grad_chunk(const Blocks& b, int64_t numel) {
+  const int64_t chunk = std::max(kGrain, (numel + kMaxChunks - 1) / kMaxChunks);
+  if (!channels_innermost(b)) return chunk;
+  return (chunk + b.channels - 1) / b.channels * b.channels;
+}
+
+// Writes dx, and partial[k * C + c]: chunk k's sum of dy * t over channel c (double).
 template <typename T>
 void backward_with_step_grad(const T* dyp, const T* xp, T* dxp, const Blocks& b,
                              const float* sp, int64_t numel, float qmin, float qmax,
                              int64_t chunk, std::vector<double>& partial) {
   const int64_t C = b.channels;
-  const bool lanes = !(b.inner > 1 || C == 1);
   const int64_t nchunks = (numel + chunk - 1) / chunk;
   at::parallel_for(0, nchunks, 1, [&](int64_t kbeg, int64_t kend) {
-    std::vector<float> acc(lanes ? C : 0);
+    std::vector<float> acc;
     for (int64_t k = kbeg; k < kend; ++k) {
       double* out = partial.data() + k * C;
-      std::fill(acc.begin(), acc.end(), 0.f);
       const int64_t begin = k * chunk, end = std::min(numel, begin + chunk);
-      int64_t rows = 0;  // rows added into acc since its last flush
-      for_each_run(b, sp, begin, end, [&](int64_t i, int64_t n, int64_t c, Steps st) {
-        if (lanes) {
-          backward_run<T, true>(dyp + i, xp + i, dxp + i, st, n, qmin, qmax, acc.data() + c);
-          if (c + n == C && ++rows == kFlush) {
-            for (const auto j : c10::irange(C)) out[j] += acc[j];
-            std::fill(acc.begin(), acc.end(), 0.f);
-            rows = 0;
-          }
-          return;
-        }
-        for (int64_t j = 0; j < n; j += kFlush * 2 * W) {
-          out[c] += backward_run<T, true>(dyp + i + j, xp + i + j, dxp + i + j, st,
-                                          std::min(n - j, kFlush * 2 * W), qmin, qmax, nullptr);
-        }
-      });
-      for (const auto c : c10::irange(lanes ? C : 0)) out[c] += acc[c];
+      if (!channels_innermost(b)) {
+        backward_runs(dyp, xp, dxp, b, sp, begin, end, qmin, qmax, out);
+      } else {
+        backward_rows(dyp + begin, xp + begin, dxp + begin, sp, (end - begin) / C, C, qmin, qmax, out, acc);
+      }
     }
   });
 }
@@ -247,10 +293,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(
   const at::Tensor s = step.contiguous();
   const float* sp = s.const_data_ptr<float>();
   const float fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
-  // Chunks of whole rows when steps vary per element, so each run starts at channel 0.
-  const bool lanes = !(b.inner > 1 || b.channels == 1);
-  int64_t chunk = std::max(kGrain, (numel + kMaxChunks - 1) / kMaxChunks);
-  if (lanes) chunk = (chunk + b.channels - 1) / b.channels * b.channels;
+  const int64_t chunk = step_grad_chunk(b, numel);
   std::vector<double> partial;
   if (need_step_grad) partial.assign(((numel + chunk - 1) / chunk) * b.channels, 0.0);
 
@@ -261,7 +304,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(
     if (need_step_grad) {
       backward_with_step_grad(dyp, xp, dxp, b, sp, numel, fmin, fmax, chunk, partial);
     } else {
-      backward_no_step_grad(dyp, xp, dxp, b, sp, numel, fmin, fmax);
+      parallel_runs(b, sp, numel, [&](int64_t i, int64_t n, Steps st) {
+        backward_run<scalar_t, false>(dyp + i, xp + i, dxp + i, st, n, fmin, fmax, nullptr);
+      });
     }
   });
   if (need_step_grad) {
