@@ -1,0 +1,131 @@
+"""End to end: one training step (forward, loss, backward, SGD step) of the networks dqa_ext ships
+(dqa_ext.robust.models: the MNIST CNN and ResNet-20), with DQAReLU against the same net with nn.ReLU."""
+
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import _cases
+from _measure import measure
+
+NETS = {"mnist_cnn": ((1, 28, 28), 256), "resnet20": ((3, 32, 32), 128)}
+VARIANTS = {"relu": "relu", "dqa_dynamic": "dqa2", "dqa_fixed": "fixed2"}
+TRAIN_BUDGET_FACTOR = 10  # a training step is one number per network: give it more rounds
+CASES = [(d, n, v) for d in ("cpu", "cuda") for n in NETS for v in VARIANTS]
+
+
+def _build(net, variant, device):
+    from dqa_ext.robust.models import build_model, materialize
+
+    shape, batch = NETS[net]
+    batch = min(batch, _cases.PARITY_BATCH or batch)  # parity-only runs: a small batch
+    torch.manual_seed(0)
+    model = build_model(net, VARIANTS[variant], input_shape=shape).to(device).train()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand((batch, *shape), generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    materialize(model, x)  # lazy DQA steps exist before the optimizer is built
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model, opt, x, y
+
+
+def _check_dqa_layers(model, x, y):
+    """One forward+backward with hooks: every DQAReLU's output and input gradient equal the
+    reference's (bitwise), and its step gradient matches within summation-order tolerance."""
+    from dqa_ext import reference
+
+    mods = [m for m in model.modules() if type(m).__name__ == "DQAReLU"]
+    assert mods, "convert left no DQAReLU in the model"
+    seen, hooks = {}, []
+    for m in mods:
+        hooks.append(m.register_forward_hook(lambda m, i, o: seen.__setitem__((m, "fwd"), (i[0].detach(), o.detach()))))
+        hooks.append(m.register_full_backward_hook(
+            lambda m, gi, go: seen.__setitem__((m, "bwd"), (gi[0], go[0]))))
+    model.zero_grad(set_to_none=True)
+    try:
+        F.cross_entropy(model(x), y).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in mods:
+        inp, out = seen[(m, "fwd")]
+        dx, dy = seen[(m, "bwd")]
+        dim = m.channel_dim % inp.dim()
+        step = m.step.detach().abs().clamp_min(m.min_step) if m.mode == "dynamic" else m.step
+        args = (step, 0, m.qmax, m.channel_dim)
+        assert torch.equal(out, reference.fake_quantize_forward(inp, *args)), f"{m}: y differs from the reference"
+        g = m._grad_scale(inp, dim)
+        ref_dx, ref_ds = reference.fake_quantize_backward(dy, inp, *args, g, True)
+        assert torch.equal(dx, ref_dx), f"{m}: dx differs from the reference"
+        if m.mode == "dynamic":
+            v = inp.float() / reference._step_view(inp, step, dim)
+            t = reference.grad_step_term(v, 0.0, float(m.qmax))
+            dims = [d for d in range(inp.dim()) if d != dim] if m.per_channel else list(range(inp.dim()))
+            tol = g * (dy.float() * t).abs().sum(dim=dims).reshape(ref_ds.shape) * 1e-4 + 1e-6
+            err = (m.step.grad - ref_ds).abs()
+            assert bool((err <= tol).all()), f"{m}: step gradient off by {float(err.max()):.3g}"
+    model.zero_grad(set_to_none=True)
+
+
+def _train_step(model, opt, x, y):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+@pytest.mark.parametrize("device,net,variant", CASES, ids=[f"{d}-{n}-{v}" for d, n, v in CASES])
+def test_training_step(device, net, variant, benchmark, bench):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    benchmark.group = f"train-{device}-{net}"
+    model, opt, x, y = _build(net, variant, device)
+    if variant != "relu":
+        _check_dqa_layers(model, x, y)
+
+    train_step = _train_step(model, opt, x, y)
+    loss = train_step()
+    assert torch.isfinite(loss), f"{net}/{variant}: loss {loss.item()}"
+    median = measure(benchmark, train_step, device, bench.budget_s * TRAIN_BUDGET_FACTOR)
+    if median is not None:
+        bench.results.add_training(device, net, variant, median, x.shape[0])
+
+
+PAIRED_ROUNDS = 7
+
+
+@pytest.mark.parametrize("device,net", [(d, n) for d in ("cpu", "cuda") for n in NETS],
+                         ids=[f"{d}-{n}" for d in ("cpu", "cuda") for n in NETS])
+def test_training_overhead(device, net, benchmark, bench):
+    """The overhead in percent, robust to a machine whose load drifts: every round times one
+    step of each variant back to back (in rotating order); the overhead is the median over
+    rounds of DQAReLU's time over nn.ReLU's in the same round."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if benchmark.disabled:
+        pytest.skip("timing only (parity is checked by test_training_step)")
+    steps = {v: _train_step(*_build(net, v, device)) for v in VARIANTS}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for step in steps.values():  # warm-up: optimizer state, allocator
+        step()
+        step()
+    names = list(steps)
+    ratios = {v: [] for v in names if v != "relu"}
+    for r in range(PAIRED_ROUNDS):
+        times = {}
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            sync()
+            t0 = time.perf_counter()
+            steps[v]()
+            sync()
+            times[v] = time.perf_counter() - t0
+        for v in ratios:
+            ratios[v].append(times[v] / times["relu"])
+    for v, rs in ratios.items():
+        bench.results.add_overhead(device, net, v, statistics.median(rs) - 1, len(rs))
