@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import dqa_ext
 from dqa_ext.cli import main
 
 
@@ -40,11 +41,15 @@ def test_info_prints_backend_json(capsys):
     assert "backend" in info and "torch" in info
 
 
-def test_python_dash_m_goes_through_the_cli():
-    r = subprocess.run([sys.executable, "-m", "dqa_ext", "train", "--act", "bogus"], capture_output=True, text=True)
+def test_python_dash_m_goes_through_the_cli(tmp_path):
+    # From a neutral folder: `python -m` puts the working directory first on sys.path, and the
+    # repository's source tree has no compiled extension.
+    run = dict(capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-m", "dqa_ext", "train", "--act", "bogus"], **run)
     assert r.returncode == 2 and r.stderr.strip().startswith("dqa: error: bad activation") and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "dqa_ext", "info"], capture_output=True, text=True)
-    assert r.returncode == 0 and "extension_loaded" in json.loads(r.stdout)
+    r = subprocess.run([sys.executable, "-m", "dqa_ext", "info"], **run)
+    info = json.loads(r.stdout)
+    assert r.returncode == 0 and info["extension_loaded"] == dqa_ext.backend_info()["extension_loaded"]
 
 
 def test_train_attack_report(tmp_path, capsys):
