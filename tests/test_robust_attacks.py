@@ -62,6 +62,18 @@ def test_cw_is_unbounded_and_succeeds(relu_model, mnist):
     assert r["success_rate"] > 0.9 and 0 < r["median_l2"] < 4
 
 
+def test_art_cw_cross_checks_the_project_cw(relu_model, mnist):
+    """ART's CarliniL2Method (slow, so on 4 images) agrees that the undefended model falls."""
+    import dataclasses
+
+    b = dataclasses.replace(FAST, cw_steps=20, cw_search=2, cw_const=5.0)
+    x, y = mnist.x_test[:4], mnist.y_test[:4]
+    art = run_attack("cw_art", relu_model, x, y, 0.3, b)
+    ours = run_attack("cw", relu_model, x, y, 0.3, b)
+    assert art["grad"] == "bpda" and art["budget"] == ours["budget"]
+    assert art["success_rate"] >= 0.5 and ours["success_rate"] >= 0.5
+
+
 def test_zoo_finds_adversarials_without_gradients(relu_model, mnist):
     r = _attack("zoo", relu_model, mnist, 3)
     assert r["success_rate"] > 0 and r["grad"] == "none"

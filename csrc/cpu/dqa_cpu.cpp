@@ -79,8 +79,8 @@ inline void store2(T* p, VecF a, VecF b, int64_t n = 2 * W) {
 struct Steps {
   const float* lane;  // per element when non-null
   float scalar;
-  VecF vec(int64_t i) const { return lane ? VecF::loadu(lane + i) : VecF(scalar); }
-  // Lanes past n read as step 1, so padding lanes stay finite and add nothing to dstep.
+  // The W steps from element i, n of them real (n <= 0 allowed): lanes past n read as step 1,
+  // so padding lanes stay finite and add nothing to dstep.
   VecF vec(int64_t i, int64_t n) const {
     if (!lane) return VecF(scalar);
     if (n >= W) return VecF::loadu(lane + i);

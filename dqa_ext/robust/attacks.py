@@ -23,12 +23,15 @@ from .errors import UserError
 
 WHITE_BOX = ("fgsm", "pgd", "apgd", "cw")
 GRADIENT_FREE = ("zoo", "square", "substitute")
-MINIMAL_L2 = ("cw", "zoo")          # unbounded L2 attacks: success rate and median L2
-EXTRA = ("pgd_zero",)               # PGD with the true (zero) gradient: the masking demonstration
+MINIMAL_L2 = ("cw", "zoo", "cw_art")  # unbounded L2 attacks: success rate and median L2
+# Not in the default suite: PGD with the true (zero) gradient, the masking demonstration; and
+# ART's own CarliniL2Method, much slower than `cw` (see cw_l2), for cross-checking it.
+EXTRA = ("pgd_zero", "cw_art")
 ATTACKS = WHITE_BOX + GRADIENT_FREE + EXTRA
 DEFAULT_ATTACKS = WHITE_BOX + GRADIENT_FREE
 LABELS = {"fgsm": "FGSM", "pgd": "PGD", "apgd": "APGD-CE", "cw": "C&W-L2", "zoo": "ZOO",
-          "square": "Square", "substitute": "Substitute", "pgd_zero": "PGD, true grad"}
+          "square": "Square", "substitute": "Substitute", "pgd_zero": "PGD, true grad",
+          "cw_art": "C&W-L2 (ART)"}
 
 
 class AttackError(UserError):
@@ -218,8 +221,12 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, sea
 
 
 def _minimal(name: str, clf, b: Budget):
-    from art.attacks.evasion import ZooAttack
+    from art.attacks.evasion import CarliniL2Method, ZooAttack
 
+    if name == "cw_art":
+        return CarliniL2Method(clf, confidence=0.0, learning_rate=b.cw_lr, binary_search_steps=b.cw_search,
+                               max_iter=b.cw_steps, initial_const=b.cw_const, batch_size=b.batch_size,
+                               verbose=False)
     return ZooAttack(clf, confidence=0.0, learning_rate=b.zoo_lr, max_iter=b.zoo_steps,
                      binary_search_steps=b.zoo_search, initial_const=b.zoo_const, abort_early=True,
                      use_resize=False, use_importance=False, nb_parallel=b.zoo_parallel, batch_size=1,
@@ -230,6 +237,7 @@ def budget_of(name: str, b: Budget) -> dict:
     """The settings that name's numbers depend on, for the report."""
     keys = {"fgsm": [], "pgd": ["pgd_steps", "pgd_restarts", "pgd_step_rel"], "pgd_zero": ["pgd_steps", "pgd_restarts", "pgd_step_rel"],
             "apgd": ["apgd_steps", "apgd_restarts"], "cw": ["cw_n", "cw_steps", "cw_search", "cw_lr", "cw_const"],
+            "cw_art": ["cw_n", "cw_steps", "cw_search", "cw_lr", "cw_const"],
             "zoo": ["zoo_n", "zoo_steps", "zoo_search", "zoo_const", "zoo_lr", "zoo_parallel"],
             "square": ["square_n", "square_queries", "square_restarts"],
             "substitute": ["sub_seeds", "sub_rounds", "sub_epochs", "sub_lambda"]}[name]
@@ -297,7 +305,7 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
 
 
 def _sizes(name: str, b: Budget, n_avail: int) -> int:
-    n = {"cw": b.cw_n, "zoo": b.zoo_n, "square": b.square_n}.get(name, b.n)
+    n = {"cw": b.cw_n, "cw_art": b.cw_n, "zoo": b.zoo_n, "square": b.square_n}.get(name, b.n)
     return max(1, min(n, b.n, n_avail))
 
 

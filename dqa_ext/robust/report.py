@@ -84,7 +84,7 @@ def _cell(ev: dict, a: str) -> str:
 
 def table(results: dict) -> str:
     models = results["models"]
-    present = [a for a in list(WHITE_BOX) + list(GRADIENT_FREE) + ["pgd_zero"]
+    present = [a for a in list(WHITE_BOX) + list(GRADIENT_FREE) + ["pgd_zero", "cw_art"]
                if any(a in m["eval"]["attacks"] for m in models)]
     head = ["Model", "Clean"]
     for a in present:
