@@ -37,6 +37,9 @@ CASES = {
     "sliced": lambda d, t: (data((4, 12, 9, 22), d, t)[:, ::2, :, 3:17], 1),
     "transposed": lambda d, t: (data((9, 6, 13), d, t).transpose(0, 2), 1),
     "channels_last_3d": lambda d, t: (data((2, 6, 3, 5, 7), d, t).to(memory_format=torch.channels_last_3d), 1),
+    # Rows shorter than a vector, several to a tile (lcm(C, 2W) elements).
+    "channels_last_c12": lambda d, t: (data((3, 12, 9, 11), d, t).to(memory_format=torch.channels_last), 1),
+    "2d_c8": lambda d, t: (data((301, 8), d, t), 1),
 }
 
 

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -148,6 +149,28 @@ float backward_run(const T* dy, const T* x, T* dx, Steps s, int64_t n, float qmi
 // own channel's step; otherwise as runs of one step (inner > 1, or a per-tensor step).
 inline bool channels_innermost(const Blocks& b) { return b.inner == 1 && b.channels > 1; }
 
+// With channels innermost the steps repeat with period C. A tile is a whole number of rows,
+// `steps` repeating the C steps across it, processed as one run.
+struct Tile {
+  int64_t size;
+  std::vector<float> steps;
+  Tile(const float* step, int64_t C, int64_t size_) : size(size_), steps(size_) {
+    for (const auto j : c10::irange(size)) steps[j] = step[j % C];
+  }
+};
+
+// Elementwise passes: lcm(C, 2W) elements, so a tile splits into whole vectors even when C is
+// not a multiple of 2W (rows shorter than a vector would each take the masked path), up to
+// kMaxTile; single rows beyond that.
+constexpr int64_t kMaxTile = 4096;
+inline int64_t elementwise_tile(int64_t C) {
+  const int64_t lcm = C / std::gcd(C, 2 * W) * (2 * W);
+  return lcm <= kMaxTile ? lcm : C;
+}
+// The step-gradient pass walks a tile in 2W-lane columns, strided by the tile size. Measured on
+// AVX2, single-row tiles beat longer ones except where C divides 2W (one full column).
+inline int64_t step_grad_tile(int64_t C) { return (2 * W) % C == 0 ? 2 * W : C; }
+
 // Calls f(offset, count, step) for the runs of one step that make up elements [begin, end) of
 // a block that is not channels_innermost.
 template <typename F>
@@ -164,9 +187,10 @@ void for_each_run(const Blocks& b, const float* step, int64_t begin, int64_t end
 template <typename F>
 void parallel_runs(const Blocks& b, const float* sp, int64_t numel, F&& f) {
   if (channels_innermost(b)) {
-    const int64_t C = b.channels;
-    at::parallel_for(0, numel / C, std::max<int64_t>(1, kGrain / C), [&](int64_t rb, int64_t re) {
-      for (int64_t r = rb; r < re; ++r) f(r * C, C, Steps{sp, 0.f});
+    const Tile tile(sp, b.channels, elementwise_tile(b.channels));
+    const int64_t T = tile.size, tiles = (numel + T - 1) / T;
+    at::parallel_for(0, tiles, std::max<int64_t>(1, kGrain / T), [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t) f(t * T, std::min(T, numel - t * T), Steps{tile.steps.data(), 0.f});
     });
   } else {
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
@@ -196,40 +220,43 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& step, int64_
   return y;
 }
 
-// Channels innermost: rows of C channels, taken in blocks of R rows (about 4096 elements, so a
-// block of x, dy and dx stays in cache). Within a block, one 2W-channel column at a time with
-// its steps and dstep sums in registers; between blocks the sums wait in acc (C floats), which
-// is added into out every kFlush rows.
+// Channels innermost: the chunk's n elements as rows of one tile each (the last may be short),
+// taken in blocks of R rows (about 4096 elements, so a block of x, dy and dx stays in cache).
+// Within a block, one 2W-lane column at a time with its steps and dstep sums in registers;
+// between blocks the sums wait in acc (one per tile lane), which is folded into out[lane % C]
+// every kFlush rows.
 template <typename T>
-void backward_rows(const T* dy, const T* x, T* dx, const float* step, int64_t rows, int64_t C,
-                   float qmin, float qmax, double* out, std::vector<float>& acc) {
+void backward_tiles(const T* dy, const T* x, T* dx, const Tile& tile, int64_t n, int64_t C,
+                    float qmin, float qmax, double* out, std::vector<float>& acc) {
+  const int64_t P = tile.size, rows = (n + P - 1) / P;
   int64_t R = 1;
-  while (R * 2 * C <= 4096 && R * 2 <= kFlush) R *= 2;  // a power of two, so it divides kFlush
+  while (R * 2 * P <= 4096 && R * 2 <= kFlush) R *= 2;  // a power of two, so it divides kFlush
   const VecF vqmin(qmin), vqmax(qmax);
-  const Steps st{step, 0.f};
-  acc.assign(C, 0.f);
+  const Steps st{tile.steps.data(), 0.f};
+  acc.assign(P, 0.f);
   for (int64_t rb = 0; rb < rows; rb += R) {
     const int64_t re = std::min(rows, rb + R);
-    for (int64_t j = 0; j < C; j += 2 * W) {
-      const int64_t m = std::min(2 * W, C - j);
+    for (int64_t j = 0; j < P; j += 2 * W) {
+      const int64_t m = std::min(2 * W, P - j);
       const VecF s0 = st.vec(j, m), s1 = st.vec(j + W, m - W);
       VecF a0, a1;
       load2(acc.data() + j, a0, a1, m);
       for (int64_t r = rb; r < re; ++r) {
-        const int64_t o = r * C + j;
+        const int64_t o = r * P + j, mm = std::min(m, n - o);
+        if (mm <= 0) break;  // only the last row is short
         VecF x0, x1, g0, g1;
-        load2(x + o, x0, x1, m);
-        load2(dy + o, g0, g1, m);
+        load2(x + o, x0, x1, mm);
+        load2(dy + o, g0, g1, mm);
         const VecF v0 = scaled(x0, s0), v1 = scaled(x1, s1);
-        store2(dx + o, grad_input(v0, g0, s0, vqmin, vqmax), grad_input(v1, g1, s1, vqmin, vqmax), m);
+        store2(dx + o, grad_input(v0, g0, s0, vqmin, vqmax), grad_input(v1, g1, s1, vqmin, vqmax), mm);
         a0 = a0 + g0 * grad_step_term(v0, vqmin, vqmax);
         a1 = a1 + g1 * grad_step_term(v1, vqmin, vqmax);
       }
       store2(acc.data() + j, a0, a1, m);
     }
     if (re % kFlush == 0 || re == rows) {
-      for (const auto c : c10::irange(C)) out[c] += acc[c];
-      acc.assign(C, 0.f);
+      for (const auto j : c10::irange(P)) out[j % C] += acc[j];
+      acc.assign(P, 0.f);
     }
   }
 }
@@ -262,6 +289,7 @@ void backward_with_step_grad(const T* dyp, const T* xp, T* dxp, const Blocks& b,
                              int64_t chunk, std::vector<double>& partial) {
   const int64_t C = b.channels;
   const int64_t nchunks = (numel + chunk - 1) / chunk;
+  const Tile tile(sp, C, channels_innermost(b) ? step_grad_tile(C) : 0);
   at::parallel_for(0, nchunks, 1, [&](int64_t kbeg, int64_t kend) {
     std::vector<float> acc;
     for (int64_t k = kbeg; k < kend; ++k) {
@@ -270,7 +298,7 @@ void backward_with_step_grad(const T* dyp, const T* xp, T* dxp, const Blocks& b,
       if (!channels_innermost(b)) {
         backward_runs(dyp, xp, dxp, b, sp, begin, end, qmin, qmax, out);
       } else {
-        backward_rows(dyp + begin, xp + begin, dxp + begin, sp, (end - begin) / C, C, qmin, qmax, out, acc);
+        backward_tiles(dyp + begin, xp + begin, dxp + begin, tile, end - begin, C, qmin, qmax, out, acc);
       }
     }
   });
