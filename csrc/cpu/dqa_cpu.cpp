@@ -104,45 +104,39 @@ void forward_run(const T* x, T* y, Steps s, int64_t n, float qmin, float qmax) {
   }
 }
 
-// dx for n elements; with kStepGrad also the dstep terms: summed into the returned float when
-// the run has one step, or added per element into acc[0..n) when it has one step per element.
-// Padding lanes of the last vector have x = dy = 0 and step 1, so their terms are 0.
+// dx for the m <= 2W elements at offset 0 with steps (s0, s1); with kStepGrad also adds their
+// dstep terms dy * t(v) into (sum0, sum1). Padding lanes (m < 2W) have x = dy = 0 and step 1,
+// so their terms are 0.
 template <typename T, bool kStepGrad>
-float backward_run(const T* dy, const T* x, T* dx, Steps s, int64_t n, float qmin, float qmax,
-                   float* acc) {
+inline void backward_vec(const T* dy, const T* x, T* dx, VecF s0, VecF s1, int64_t m, VecF vqmin,
+                         VecF vqmax, VecF& sum0, VecF& sum1) {
+  VecF x0, x1, g0, g1;
+  load2(x, x0, x1, m);
+  load2(dy, g0, g1, m);
+  const VecF v0 = scaled(x0, s0), v1 = scaled(x1, s1);
+  store2(dx, grad_input(v0, g0, s0, vqmin, vqmax), grad_input(v1, g1, s1, vqmin, vqmax), m);
+  if constexpr (kStepGrad) {
+    sum0 = sum0 + g0 * grad_step_term(v0, vqmin, vqmax);
+    sum1 = sum1 + g1 * grad_step_term(v1, vqmin, vqmax);
+  }
+}
+
+// dx for a run of n elements; with kStepGrad, returns the float sum of its dstep terms.
+template <typename T, bool kStepGrad>
+float backward_run(const T* dy, const T* x, T* dx, Steps s, int64_t n, float qmin, float qmax) {
   const VecF vqmin(qmin), vqmax(qmax);
   VecF sum0(0.f), sum1(0.f);
   for (int64_t i = 0; i < n; i += 2 * W) {
     const int64_t m = std::min(2 * W, n - i);
-    VecF x0, x1, g0, g1;
-    load2(x + i, x0, x1, m);
-    load2(dy + i, g0, g1, m);
-    const VecF s0 = s.vec(i, m), s1 = s.vec(i + W, m - W);
-    const VecF v0 = scaled(x0, s0), v1 = scaled(x1, s1);
-    store2(dx + i, grad_input(v0, g0, s0, vqmin, vqmax), grad_input(v1, g1, s1, vqmin, vqmax), m);
-    if constexpr (kStepGrad) {
-      const VecF t0 = g0 * grad_step_term(v0, vqmin, vqmax);
-      const VecF t1 = g1 * grad_step_term(v1, vqmin, vqmax);
-      if (acc) {
-        VecF a0, a1;
-        load2(acc + i, a0, a1, m);
-        store2(acc + i, a0 + t0, a1 + t1, m);
-      } else {
-        sum0 = sum0 + t0;
-        sum1 = sum1 + t1;
-      }
-    }
+    backward_vec<T, kStepGrad>(dy + i, x + i, dx + i, s.vec(i, m), s.vec(i + W, m - W), m, vqmin,
+                               vqmax, sum0, sum1);
   }
-  if constexpr (kStepGrad) {
-    if (!acc) {
-      float lanes[W];
-      (sum0 + sum1).store(lanes);
-      float total = 0.f;
-      for (const float l : lanes) total += l;
-      return total;
-    }
-  }
-  return 0.f;
+  if constexpr (!kStepGrad) return 0.f;
+  float lanes[W];
+  (sum0 + sum1).store(lanes);
+  float total = 0.f;
+  for (const float l : lanes) total += l;
+  return total;
 }
 
 // x as rows of C consecutive channels (inner == 1: channels_last, (N, C)), each element with its
@@ -171,19 +165,19 @@ inline int64_t elementwise_tile(int64_t C) {
 // AVX2, single-row tiles beat longer ones except where C divides 2W (one full column).
 inline int64_t step_grad_tile(int64_t C) { return (2 * W) % C == 0 ? 2 * W : C; }
 
-// Calls f(offset, count, step) for the runs of one step that make up elements [begin, end) of
-// a block that is not channels_innermost.
+// Calls f(offset, count, channel) for the runs of one step that make up elements [begin, end)
+// of a block that is not channels_innermost.
 template <typename F>
-void for_each_run(const Blocks& b, const float* step, int64_t begin, int64_t end, F&& f) {
+void for_each_run(const Blocks& b, int64_t begin, int64_t end, F&& f) {
   for (int64_t i = begin; i < end;) {
     const int64_t r = i / b.inner, n = std::min(end - i, (r + 1) * b.inner - i);
-    f(i, n, step[b.channels == 1 ? 0 : r % b.channels]);
+    f(i, n, b.channels == 1 ? 0 : r % b.channels);
     i += n;
   }
 }
 
-// Runs f(offset, count, steps) over all elements in parallel: whole rows when channels are
-// innermost, runs of one step otherwise.
+// Runs f(offset, count, steps) over all elements in parallel: tiles of whole rows when channels
+// are innermost, runs of one step otherwise.
 template <typename F>
 void parallel_runs(const Blocks& b, const float* sp, int64_t numel, F&& f) {
   if (channels_innermost(b)) {
@@ -194,7 +188,7 @@ void parallel_runs(const Blocks& b, const float* sp, int64_t numel, F&& f) {
     });
   } else {
     at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-      for_each_run(b, sp, begin, end, [&](int64_t i, int64_t n, float s) { f(i, n, Steps{nullptr, s}); });
+      for_each_run(b, begin, end, [&](int64_t i, int64_t n, int64_t c) { f(i, n, Steps{nullptr, sp[c]}); });
     });
   }
 }
@@ -244,13 +238,7 @@ void backward_tiles(const T* dy, const T* x, T* dx, const Tile& tile, int64_t n,
       for (int64_t r = rb; r < re; ++r) {
         const int64_t o = r * P + j, mm = std::min(m, n - o);
         if (mm <= 0) break;  // only the last row is short
-        VecF x0, x1, g0, g1;
-        load2(x + o, x0, x1, mm);
-        load2(dy + o, g0, g1, mm);
-        const VecF v0 = scaled(x0, s0), v1 = scaled(x1, s1);
-        store2(dx + o, grad_input(v0, g0, s0, vqmin, vqmax), grad_input(v1, g1, s1, vqmin, vqmax), mm);
-        a0 = a0 + g0 * grad_step_term(v0, vqmin, vqmax);
-        a1 = a1 + g1 * grad_step_term(v1, vqmin, vqmax);
+        backward_vec<T, true>(dy + o, x + o, dx + o, s0, s1, mm, vqmin, vqmax, a0, a1);
       }
       store2(acc.data() + j, a0, a1, m);
     }
@@ -265,11 +253,10 @@ void backward_tiles(const T* dy, const T* x, T* dx, const Tile& tile, int64_t n,
 template <typename T>
 void backward_runs(const T* dy, const T* x, T* dx, const Blocks& b, const float* sp,
                    int64_t begin, int64_t end, float qmin, float qmax, double* out) {
-  for_each_run(b, sp, begin, end, [&](int64_t i, int64_t n, float s) {
-    const int64_t c = b.channels == 1 ? 0 : (i / b.inner) % b.channels;
+  for_each_run(b, begin, end, [&](int64_t i, int64_t n, int64_t c) {
     for (int64_t j = 0; j < n; j += kFlush * 2 * W) {
-      out[c] += backward_run<T, true>(dy + i + j, x + i + j, dx + i + j, Steps{nullptr, s},
-                                      std::min(n - j, kFlush * 2 * W), qmin, qmax, nullptr);
+      out[c] += backward_run<T, true>(dy + i + j, x + i + j, dx + i + j, Steps{nullptr, sp[c]},
+                                      std::min(n - j, kFlush * 2 * W), qmin, qmax);
     }
   });
 }
@@ -333,7 +320,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(
       backward_with_step_grad(dyp, xp, dxp, b, sp, numel, fmin, fmax, chunk, partial);
     } else {
       parallel_runs(b, sp, numel, [&](int64_t i, int64_t n, Steps st) {
-        backward_run<scalar_t, false>(dyp + i, xp + i, dxp + i, st, n, fmin, fmax, nullptr);
+        backward_run<scalar_t, false>(dyp + i, xp + i, dxp + i, st, n, fmin, fmax);
       });
     }
   });
