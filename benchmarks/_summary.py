@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from _cases import FLOOR_PASS, IMPL_NAMES, KEY_SHAPE, PASSES, SHAPES
+from _measure import SPREAD_FLAG
 
 RESULTS_DIR = Path(__file__).parent / "results"
 PEERS = ("eager", "compile", "torch_fq")
@@ -40,12 +41,14 @@ class Collector:
         self.overheads = {}  # (device, net, variant) -> paired overhead record
         self.notes = {}  # (impl, topic) -> [(test id, detail)]
 
-    def add_kernel(self, spec, median_s, peak=None, note=None):
+    def add_kernel(self, spec, timing, peak=None, note=None):
+        """timing: a _measure.Timing (median over interleaved rounds, spread, rounds)."""
         c = spec.case
         key = (c.device, _dt(c.dtype), c.shape, c.gran, c.layout, spec.impl, spec.pass_)
         rec = {"device": c.device, "dtype": _dt(c.dtype), "shape": c.shape, "dims": list(c.dims),
                "gran": c.gran, "layout": c.layout, "impl": spec.impl, "pass": spec.pass_,
-               "median_s": median_s, "bytes": spec.bytes_moved(), "peak_bytes": peak}
+               "median_s": timing.median_s, "spread": timing.spread, "rounds": timing.rounds,
+               "iterations": timing.iterations, "bytes": spec.bytes_moved(), "peak_bytes": peak}
         self.kernels[key] = rec
         for topic, detail in note or ():
             self.notes.setdefault((spec.impl, topic), []).append((spec.id, detail))
@@ -61,12 +64,16 @@ class Collector:
 
     # --- lookups ---
     def t(self, device, dtype, shape, gran, layout, impl, pass_):
+        rec = self.rec(device, dtype, shape, gran, layout, impl, pass_)
+        return rec["median_s"] if rec else None
+
+    def rec(self, device, dtype, shape, gran, layout, impl, pass_):
+        """The record of a kernel figure; relu and copy (one backward, no step) by their own keys."""
         if impl == "relu":
             gran, pass_ = "pc", FLOOR_PASS[pass_]
         elif impl == "copy":
             gran, layout, pass_ = None, None, FLOOR_PASS[pass_]
-        rec = self.kernels.get((device, dtype, shape, gran, layout, impl, pass_))
-        return rec["median_s"] if rec else None
+        return self.kernels.get((device, dtype, shape, gran, layout, impl, pass_))
 
     def groups(self):
         """The (device, dtype) pairs with results, CPU first."""
@@ -111,22 +118,31 @@ def _cases_of(col, device, dtype):
     return sorted(keys, key=lambda c: (order.index(c[0]), c[2] != "nchw", c[1] != "pc"))
 
 
+def spread_cell(recs):
+    """The largest spread of a row's figures, flagged (**bold !**) above SPREAD_FLAG."""
+    spreads = [r["spread"] for r in recs if r and r.get("spread") is not None]
+    if not spreads:
+        return "-"
+    worst = max(spreads)
+    return f"**{worst:.0%} !**" if worst > SPREAD_FLAG else f"{worst:.0%}"
+
+
 def kernel_table(col, device, dtype):
     header = ["case", "pass", "ext", "GB/s", "% copy", "vs eager", "vs compile", "vs torch_fq",
-              "ext / relu"]
+              "ext / relu", "spread"]
     rows = []
     for shape, gran, layout in _cases_of(col, device, dtype):
         for p in PASSES:
-            t = {impl: col.t(device, dtype, shape, gran, layout, impl, p)
-                 for impl in ("ext", "relu", "copy") + PEERS}
+            recs = {impl: col.rec(device, dtype, shape, gran, layout, impl, p)
+                    for impl in ("ext", "relu", "copy") + PEERS}
+            t = {impl: (r["median_s"] if r else None) for impl, r in recs.items()}
             ext = t["ext"]
-            rec = col.kernels.get((device, dtype, shape, gran, layout, "ext", p))
-            gbs = f"{rec['bytes'] / ext / 1e9:.1f}" if ext else "-"
+            gbs = f"{recs['ext']['bytes'] / ext / 1e9:.1f}" if ext else "-"
             frac = _ratio(t["copy"], ext)
             rows.append([f"{shape} {gran} {layout}", p, fmt_time(ext), gbs,
                          "-" if frac is None else f"{frac:.0%}",
                          *(fmt_x(_ratio(t[peer], ext)) for peer in PEERS),
-                         fmt_x(_ratio(ext, t["relu"]))])
+                         fmt_x(_ratio(ext, t["relu"])), spread_cell(recs.values())])
     return header, rows
 
 
@@ -304,7 +320,11 @@ def report_lines(col, device, env, with_header=True):
                   f"- dqa_ext: {json.dumps(env['dqa_ext'])}",
                   f"- command: `{env['command']}` (budget {env['budget_s']} s per benchmark; suite "
                   f"{env['elapsed_s']:.0f} s)", "",
-                  "Times are medians (pytest-benchmark pedantic rounds). `GB/s` is the effective bandwidth: "
+                  "Kernel times are medians over rounds in which every implementation and pass of a case "
+                  "runs in turn (rotating order), so load that drifts hits them alike; `spread` is the "
+                  "largest interquartile range over median among a row's figures, **flagged !** above "
+                  f"{SPREAD_FLAG:.0%}: such a row is not to be believed without a rerun on an idle machine. "
+                  "Training steps: pytest-benchmark pedantic medians. `GB/s` is the effective bandwidth: "
                   "bytes that must move (forward 2 tensors, backward 3, fwd+bwd 5, in the input dtype) over "
                   "the time; `% copy` is that over the bandwidth of a plain copy of the same bytes. "
                   "`vs X` is X's time over ext's (above 1: ext is faster). `ext / relu` is ext's time "

@@ -1,12 +1,14 @@
 """Kernel benchmarks: dqa_ext's ops against the eager reference, torch.compile of it, PyTorch's
-learnable fake quantization, torch.relu and a copy, on identical inputs; each asserts parity first."""
+learnable fake quantization, torch.relu and a copy, on identical inputs; each asserts parity first.
+The implementations and passes of one case are timed together, interleaved round by round
+(_measure.CaseRounds), when the next case starts or the session ends."""
 
 import pytest
 import torch
 
 import _peers
 from _cases import kernel_specs
-from _measure import measure, peak_bytes
+from _measure import peak_bytes
 
 SPECS = kernel_specs()
 
@@ -16,8 +18,8 @@ def test_kernel(spec, benchmark, bench):
     case = spec.case
     if case.device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    benchmark.group = f"{case.id}-{spec.pass_}"
-    benchmark.extra_info.update(impl=spec.impl, pass_=spec.pass_, bytes=spec.bytes_moved())
+    if not benchmark.disabled:
+        bench.rounds.starting(case)
     inputs = None if spec.impl == "copy" else bench.inputs.get(case)
     try:
         fn, check = _peers.build(spec, inputs)
@@ -28,8 +30,7 @@ def test_kernel(spec, benchmark, bench):
         raise
     note = check(out)  # parity first; a benchmark of a wrong result is worthless
     del out
-    median = measure(benchmark, fn, case.device, bench.budget_s)
-    if median is None:
+    if benchmark.disabled:
         return
     peak = peak_bytes(fn, case.device) if spec.pass_ == "fwdbwd" else None
-    bench.results.add_kernel(spec, median, peak, note)
+    bench.rounds.add(spec, fn, (peak, note))  # timed with the rest of its case

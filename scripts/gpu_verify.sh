@@ -1,115 +1,222 @@
 #!/usr/bin/env bash
-# Full CUDA verification for a machine with an NVIDIA GPU: builds and installs dqa_ext, runs the
-# tests and benchmarks, runs compute-sanitizer (memcheck, racecheck) over one forward and one
-# backward of every kernel path, and keeps every log with the machine's description.
+# The CUDA verification for a lent GPU (sized for one H200 and an 8-minute command): builds
+# dqa_ext for the GPU's arch only, runs the CUDA tests, compute-sanitizer (memcheck, racecheck,
+# initcheck, synccheck) over every kernel path, and the CUDA benchmarks against the peers, and
+# writes everything into ONE results folder of at most 7 files:
+#   SUMMARY.md        each step: status, seconds, the tail of its log when it failed; environment
+#   logs.tar.gz       every step's full log, the JUnit XML of the tests, nvidia-smi
+#   bench/*.md|json   the benchmark tables and record (benchmarks/conftest.py writes them)
+#   bench_compile/*   the same for torch.compile against ext on the key case
+#   FAILED            the names of the failed steps (absent when all passed)
+# No step stops the run: a failure is recorded and the next step runs; each step has its own
+# timeout, cut to what is left of the overall deadline (DQA_GPU_DEADLINE_S, default 450 s).
+# Without a GPU (or with --dry-run) it runs the host steps and stops before the first step that
+# needs one, saying so.
 #
 # Usage (from anywhere; runs in the repository root):
-#   bash scripts/gpu_verify.sh [RESULTS_DIR]     default: benchmarks/results/gpu-<UTC date-time>
-#   PYTHON=/path/to/python                        interpreter with torch (CUDA build) installed
-# Every step runs even if an earlier one failed; the exit status is non-zero if any failed.
+#   bash scripts/gpu_verify.sh [--dry-run] [RESULTS_DIR]   default: benchmarks/results/gpu-<UTC time>
+#   PYTHON=python3            interpreter with a CUDA build of torch (default: python3)
+#   TORCH_CUDA_ARCH_LIST=9.0  the archs to build (default: the visible GPU's, e.g. 9.0 on an H200)
+# Wheels of missing test packages (pytest, hypothesis, pytest-benchmark and their needs) are
+# installed from .whl/ when present: see README's "CUDA verification on a lent GPU".
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-py="${PYTHON:-python}"
-out="${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}"
-mkdir -p "$out"
-out="$(cd "$out" && pwd)"
-failed=()
-
-# step NAME CMD...: runs CMD with stdout and stderr in $out/NAME.log, records a failure.
-step() {
-  local name="$1"
+repo="$PWD"
+dry_run=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  dry_run=1
   shift
-  echo "== $name: $*"
-  if "$@" >"$out/$name.log" 2>&1; then
-    echo "   ok"
-  else
-    echo "   FAILED (rc=$?), see $out/$name.log"
-    failed+=("$name")
-  fi
+fi
+py="${PYTHON:-python3}"
+out="${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}"
+mkdir -p "$out/logs" || exit 1
+out="$(cd "$out" && pwd)"
+logs="$out/logs"
+deadline_s="${DQA_GPU_DEADLINE_S:-450}"
+started=$SECONDS
+# Each step appends its row to steps.md (background steps too) and its name to failed.txt.
+rows="$out/steps.md"
+failed_list="$out/failed.txt"
+: >"$rows"
+: >"$failed_list"
+record() {  # record NAME STATUS SECONDS
+  echo "| $1 | $2 | $3 |" >>"$rows"
+  [[ "$2" == ok ]] || echo "$1" >>"$failed_list"
 }
 
-{
+# step NAME CAP_S CMD...: runs CMD under `timeout` (CAP_S, or what is left of the deadline minus
+# 20 s for packing), stdout and stderr in logs/NAME.log; records status and seconds.
+step() {
+  local name="$1" cap="$2"
+  shift 2
+  local left=$((deadline_s - (SECONDS - started) - 20))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 10)); then
+    echo "== $name: SKIPPED (out of time)"
+    record "$name" "skipped: out of time" 0
+    return 1
+  fi
+  echo "== $name (timeout ${limit}s): $*"
+  local t0=$SECONDS rc=0
+  timeout --kill-after=10 "$limit" "$@" >"$logs/$name.log" 2>&1 || rc=$?
+  local dt=$((SECONDS - t0)) status="ok"
+  if ((rc == 124 || rc == 137)); then
+    status="TIMED OUT after ${limit}s"
+  elif ((rc != 0)); then
+    status="FAILED (rc=$rc)"
+  fi
+  echo "   $name: $status (${dt}s)"
+  record "$name" "$status" "$dt"
+  [[ "$status" == ok ]]
+}
+
+finish() {
+  local total=$((SECONDS - started))
+  local failed=()
+  mapfile -t failed <"$failed_list"
+  {
+    echo "# dqa_ext GPU verification"
+    echo
+    echo "result: $(if ((${#failed[@]})); then echo "FAILED: ${failed[*]}"; else echo "all steps passed"; fi)"
+    echo "$1"
+    echo
+    echo "| step | status | seconds |"
+    echo "| --- | --- | --- |"
+    cat "$rows"
+    echo
+    echo "total: ${total}s"
+    echo
+    echo '## environment'
+    echo '```'
+    cat "$logs/environment.log" 2>/dev/null
+    echo '```'
+    for name in "${failed[@]}"; do
+      [[ -f "$logs/$name.log" ]] || continue
+      echo
+      echo "## $name: last 40 lines"
+      echo '```'
+      tail -n 40 "$logs/$name.log"
+      echo '```'
+    done
+  } >"$out/SUMMARY.md"
+  if ((${#failed[@]})); then printf '%s\n' "${failed[@]}" >"$out/FAILED"; else rm -f "$out/FAILED"; fi
+  rm -f "$rows" "$failed_list"
+  tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$logs"
+  echo
+  echo "results: $out ($(ls "$out" | tr '\n' ' '))"
+  sed -n '1,/^total:/p' "$out/SUMMARY.md"
+  ((${#failed[@]} == 0))
+  exit $?
+}
+
+# ---- host steps: no GPU needed ----
+environment() {
   echo "date_utc: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "host: $(hostname)"
-  echo "git: $(git rev-parse --verify -q HEAD || echo no-commit) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+  echo "host: $(hostname)  cpus: $(nproc)"
+  echo "git: $(git rev-parse --verify -q HEAD || echo no-commit)" \
+       "($(git status --porcelain 2>/dev/null | wc -l) changed files)"
   echo "nvcc: $("${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version 2>/dev/null | tail -n 1 || echo none)"
-} >"$out/environment.txt"
-nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || failed+=("nvidia-smi")
-"$py" - >>"$out/environment.txt" 2>&1 <<'PY' || failed+=("torch-info")
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+    --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /' || echo "gpu: nvidia-smi not available"
+  "$py" - <<'PY'
 import platform, torch
-print("python:", platform.python_version())
-print("torch:", torch.__version__, "cuda:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
+print("python:", platform.python_version(), "torch:", torch.__version__, "cuda:", torch.version.cuda)
 print("cuda_available:", torch.cuda.is_available())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device:", p.name, "sm_%d%d" % (p.major, p.minor), "SMs:", p.multi_processor_count,
           "memory_GiB: %.1f" % (p.total_memory / 2**30))
 PY
+}
+export py
+export -f environment
+step environment 60 bash -c environment
+nvidia-smi >"$logs/nvidia-smi.txt" 2>&1 || true
 
-step check_cuda_kernels env DQA_EXT_REQUIRE_NVCC=1 bash scripts/check_cuda_kernels.sh
-step build "$py" -m pip install -v --no-build-isolation --no-deps .
-# Python runs from outside the checkout so that the installed package (with its _C) is the one
-# imported, not the source tree's dqa_ext/.
-step backend_info bash -c "cd '$out' && '$py' -c 'import dqa_ext, json; print(json.dumps(dqa_ext.backend_info(), indent=2, default=str))'"
-step pytest bash -c "cd '$out' && '$py' -m pytest -v -rs '$PWD/tests' '$PWD/benchmarks'"
+# Test packages: from .whl/ only when the interpreter lacks them (no network on a lent machine).
+wheels() {
+  if "$py" -c "import pytest, hypothesis, pytest_benchmark" 2>/dev/null; then
+    echo "pytest, hypothesis and pytest-benchmark are installed"
+    return 0
+  fi
+  compgen -G "$repo/.whl/*.whl" >/dev/null || { echo "missing test packages and no .whl/ folder"; return 1; }
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/dqa-site "$repo"/.whl/*.whl || return 1
+  echo "installed into /tmp/dqa-site: $(ls "$repo"/.whl | tr '\n' ' ')"
+}
+export repo
+export -f wheels
+if step wheels 90 bash -c wheels && [[ -d /tmp/dqa-site ]]; then export PYTHONPATH="/tmp/dqa-site${PYTHONPATH:+:$PYTHONPATH}"; fi
 
-# One forward and one backward (with and without the step gradient) per kernel path, small
-# sizes: compute-sanitizer is slow. The caching allocator is off so memcheck sees real bounds.
-cat >"$out/sanitize_paths.py" <<'PY'
-import torch
-import dqa_ext  # noqa: F401  (loads the ops)
+# The kernel test files (the robustness suite's need ART and mlxtend, absent on a lent machine);
+# in them, every test whose id or file names cuda (DEVICES-parametrised tests included).
+kernel_tests=()
+for f in test_cuda_kernels test_layouts test_math test_module test_compile test_errors; do
+  kernel_tests+=("$repo/tests/$f.py")
+done
+# They import and collect (catches an import error before any GPU minute is spent).
+step collect 60 "$py" -m pytest -q --collect-only -p no:cacheprovider -k cuda "${kernel_tests[@]}"
 
-ops = torch.ops.dqa_ext
-dev = "cuda"
-torch.manual_seed(0)
+gpu=0
+if ((dry_run == 0)) && "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  gpu=1
+fi
+if ((gpu == 0)); then
+  why="no GPU"
+  if ((dry_run)); then
+    why="--dry-run"
+  else
+    record gpu "FAILED: torch sees no CUDA device: nothing verified" 0
+  fi
+  echo "== $why: stopping after the host steps (next: build for the GPU's arch, CUDA tests, sanitizers, benchmarks)"
+  echo "| build, pytest_cuda, sanitizers, bench_cuda | not run: $why | 0 |" >>"$rows"
+  finish "stopped after the host steps: $why"
+fi
 
-def case(name, x, step, channel_dim, qmin=0, qmax=3):
-    y = ops.fake_quantize(x, step, qmin, qmax, channel_dim)
-    gy = torch.randn_like(x)
-    gx, gs = ops.fake_quantize_backward(gy, x, step, qmin, qmax, channel_dim, 0.5, True)
-    gx2, gs2 = ops.fake_quantize_backward(gy, x, step, qmin, qmax, channel_dim, 0.5, False)
-    torch.cuda.synchronize()
-    assert torch.equal(gx, gx2) and gs2.numel() == 0, name
-    print(f"{name}: y {tuple(y.shape)} {y.dtype}, grad_step {tuple(gs.shape)}")
+# ---- GPU steps ----
+if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
+  TORCH_CUDA_ARCH_LIST="$("$py" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')"
+  export TORCH_CUDA_ARCH_LIST
+fi
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# Non-editable install; Python then runs from outside the checkout so that the installed package
+# (with its _C) is the one imported, not the source tree's dqa_ext/.
+step build 300 "$py" -m pip install -v --no-build-isolation --no-deps --no-index "$repo"
+cd "$out" || exit 1
+# The installed package has CUDA kernels (else every CUDA test would skip and pass).
+step backend_info 60 "$py" -c 'import json, dqa_ext
+from dqa_ext import _backend
+print(json.dumps(dqa_ext.backend_info(), indent=2, default=str))
+assert _backend.BUILT_FOR["cuda"], "dqa_ext was built without its CUDA kernels"'
 
-def steps(c):
-    return torch.rand(c, device=dev) * 0.4 + 0.05
+step pytest_cuda 200 "$py" -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -k cuda \
+  --junitxml="$logs/pytest_cuda.xml" "${kernel_tests[@]}"
 
-for dt in (torch.float32, torch.float16, torch.bfloat16):
-    x = torch.randn(2, 8, 7, 7, device=dev, dtype=dt) * 2
-    case(f"nchw per-channel odd inner {dt}", x, steps(8), 1)
-    x = torch.randn(2, 16, 16, 16, device=dev, dtype=dt) * 2
-    case(f"nchw per-channel long rows {dt}", x, steps(16), 1)
-    case(f"channels_last {dt}", x.contiguous(memory_format=torch.channels_last), steps(16), 1)
-    case(f"(N, C) {dt}", torch.randn(33, 24, device=dev, dtype=dt), steps(24), 1)
-    case(f"per-tensor odd numel {dt}", torch.randn(3, 5, 7, 11, device=dev, dtype=dt),
-         steps(1), 1)
-    case(f"per-tensor {dt}", x, steps(1), 1, -4, 3)
-    flat = torch.randn(1 + 4 * 8 * 5 * 5, device=dev, dtype=dt)
-    case(f"misaligned view {dt}", flat[1:].view(4, 8, 5, 5), steps(8), 1)
-bad = steps(8)
-bad[3] = float("nan")
-bad[5] = -1.0
-case("non-finite / negative steps", torch.randn(2, 8, 9, 9, device=dev), bad, 1)
-PY
+# compute-sanitizer, the four tools at once (one GPU, four processes): small cases of every path.
 san="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
-if [[ ! -x "$san" ]]; then san="$(command -v compute-sanitizer || true)"; fi
+[[ -x "$san" ]] || san="$(command -v compute-sanitizer || true)"
 if [[ -z "$san" ]]; then
-  echo "== compute-sanitizer not found"
-  failed+=("compute-sanitizer-missing")
+  record sanitizers "FAILED: compute-sanitizer not found" 0
 else
-  for tool in memcheck racecheck; do
-    step "sanitizer_$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$san" --tool "$tool" --error-exitcode 1 "$py" "$out/sanitize_paths.py"
+  for tool in memcheck racecheck initcheck synccheck; do
+    extra=()
+    [[ "$tool" == memcheck ]] && extra=(--big)
+    # No caching allocator: memcheck then sees each tensor's own bounds.
+    step "sanitizer_$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" \
+      --error-exitcode 1 "$py" "$repo/scripts/gpu_sanitize_paths.py" "${extra[@]}" &
   done
+  wait
 fi
 
-echo
-echo "logs: $out"
-if [[ ${#failed[@]} -gt 0 ]]; then
-  echo "FAILED: ${failed[*]}"
-  echo "FAILED: ${failed[*]}" >"$out/FAILED"
-  exit 1
-fi
-echo "all steps passed"
+# The CUDA benchmarks against the peers, short: the ResNet-50 and ResNet-20 shapes, every dtype,
+# layout and granularity, without torch.compile (seconds per graph); then torch.compile against
+# ext on the key case of every dtype, apart, so that a slow compile cannot cost the first table.
+step bench_cuda 120 env DQA_BENCH_COMPILE=0 "$py" -m pytest -q -p no:cacheprovider \
+  "$repo/benchmarks/test_bench_ops.py" -k "cuda and (r50a or r20c)" \
+  --bench-budget 0.05 --bench-write --bench-results "$out/bench"
+step bench_cuda_compile 90 env DQA_BENCH_COMPILE=key "$py" -m pytest -q -p no:cacheprovider \
+  "$repo/benchmarks/test_bench_ops.py" -k "cuda and r50a and pc and nchw and (ext or compile)" \
+  --bench-budget 0.05 --bench-write --bench-results "$out/bench_compile"
+
+finish "ran on the GPU"

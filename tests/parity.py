@@ -21,7 +21,8 @@ def bitwise_equal(a, b):
 def step_grad_tolerance(dy, x, step, qmin, qmax, dim, grad_scale):
     """Float32 summation error bound of dstep against the float64 reference sum: float32 partial
     sums of at most 1024 terms per lane plus a 16-lane reduction (the CPU kernel flushes its
-    accumulators into double that often), then wider sums, then one rounding of the result."""
+    accumulators into double that often; a CUDA thread flushes its float32 sum into double every
+    1024 terms and the rest of the reduction is in double), then one rounding of the result."""
     s = reference.checked_step(reference._step_view(x, step, dim % x.dim()))
     v = reference.scaled(x.float(), s)
     terms = (dy.float() * reference.grad_step_term(v, qmin, qmax)).double().abs()

@@ -1,12 +1,17 @@
-"""The CUDA kernels stay compilable without a CUDA build of torch: their translation units include
-only CUDA headers and the shared math header (CI compiles them with nvcc for sm_80 and sm_90 via
-scripts/check_cuda_kernels.sh). The Torch glue is the only CUDA-side file that sees torch."""
+"""The CUDA kernels stay compilable and testable without a CUDA build of torch: the kernel units
+include only CUDA headers and the project's own torch-free headers (CI compiles them with nvcc
+for sm_80 and sm_90 via scripts/check_cuda_kernels.sh), the host planner and the index walks
+include no CUDA header at all (g++ compiles and tests them), and the Torch glue is the only
+CUDA-side file that sees torch."""
 
 import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PROJECT = {"dqa_kernels.cuh", "../dqa_math.h"}
+CUDA_DIR = ROOT / "csrc" / "cuda"
+PLAIN = {"dqa_plan.h", "dqa_walk.h", "../dqa_math.h", "cuda/dqa_plan.h", "cuda/dqa_walk.h"}
+PROJECT = PLAIN | {"dqa_kernels.cuh", "dqa_device.cuh"}
+STD = re.compile(r"^(c[a-z]+|[a-z_]+)$")  # <cstdint>, <atomic>, ...
 # CUDA's own headers (runtime, fp16/bf16, cub, libcu++) and the C++ standard library.
 CUDA_OR_STD = re.compile(r"^(cuda_[a-z0-9_]+\.h|cub/.*|cuda/.*|c[a-z]+|[a-z_]+)$")
 INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.M)
@@ -17,11 +22,29 @@ def includes(path):
 
 
 def test_kernel_units_include_only_cuda_headers():
-    units = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
+    units = sorted(CUDA_DIR.glob("*.cu")) + sorted(CUDA_DIR.glob("*.cuh"))
     assert units, "no CUDA kernel sources found"
     for unit in units:
         extra = {h for h in includes(unit) - PROJECT if not CUDA_OR_STD.match(h)}
         assert not extra, f"{unit.name} includes {sorted(extra)}: kernels must include CUDA headers only"
+
+
+def test_planner_and_walks_are_plain_cpp():
+    """g++ compiles the planner and the index walks with no CUDA toolkit: standard headers only."""
+    plain = [CUDA_DIR / n for n in ("dqa_plan.h", "dqa_walk.h", "dqa_plan.cpp")] + sorted((CUDA_DIR / "tests").glob("*.cpp"))
+    for unit in plain:
+        assert unit.exists(), unit
+        extra = {h for h in includes(unit) - PLAIN if not STD.match(h)}
+        assert not extra, f"{unit.name} includes {sorted(extra)}: the planner must build without CUDA"
+
+
+def test_only_the_glue_sees_torch():
+    for unit in sorted(CUDA_DIR.glob("*.cpp")):
+        torch_headers = {h for h in includes(unit) if h.startswith(("ATen/", "c10/", "torch/"))}
+        if unit.name == "dqa_cuda.cpp":
+            assert torch_headers, "the glue registers the ops with torch"
+        else:
+            assert not torch_headers, f"{unit.name} includes {sorted(torch_headers)}"
 
 
 def test_shared_math_header_is_torch_free():
@@ -29,7 +52,7 @@ def test_shared_math_header_is_torch_free():
 
 
 def test_cuda_glue_registers_both_ops():
-    glue = (ROOT / "csrc" / "cuda" / "dqa_cuda.cpp").read_text()
+    glue = (CUDA_DIR / "dqa_cuda.cpp").read_text()
     assert "TORCH_LIBRARY_IMPL(dqa_ext, CUDA" in glue
     for op in ("fake_quantize", "fake_quantize_backward"):
         assert re.search(rf'm\.impl\("{op}"', glue), op

@@ -124,18 +124,19 @@ def fuzz_case(draw):
     return shape, dim, per_channel, perm, step_every, dtype, qmin, qmax, scale, seed
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(fuzz_case())
-def test_fuzz_shapes_strides_values(case):
-    needs_extension("cpu")
+def test_fuzz_shapes_strides_values(device, case):
+    needs_extension(device)
     shape, dim, per_channel, perm, step_every, dtype, qmin, qmax, scale, seed = case
     # A permuted, strided view of a larger tensor: covers dense-but-permuted and non-dense x.
     big = [s * e for s, e in zip(shape, step_every)]
     g = torch.Generator().manual_seed(seed)
-    base = (torch.randn([big[p] for p in perm], generator=g) * scale).to(dtype)
+    base = (torch.randn([big[p] for p in perm], generator=g) * scale).to(device=device, dtype=dtype)
     inverse = [perm.index(i) for i in range(len(perm))]
     x = base.permute(inverse)[tuple(slice(None, None, e) for e in step_every)]
-    step = torch.rand(x.shape[dim] if per_channel else 1, generator=g) * scale + 1e-3
+    step = (torch.rand(x.shape[dim] if per_channel else 1, generator=g) * scale + 1e-3).to(device)
     # Sprinkle non-finite values and an exact tie into the view (written through to base).
     for value in (float("nan"), float("inf"), -float("inf"), 0.5 * step[0].item()):
         where = tuple(int(torch.randint(0, n, (1,), generator=g)) for n in x.shape)
@@ -172,16 +173,19 @@ def test_over_2_31_elements(device):
     bitwise_equal(y[-1], reference.fake_quantize_forward(x[-1], step[:1], 0, 3, 0))
 
 
-@pytest.mark.parametrize("shape,channels_last", [((2**16, 2), False), ((2**24,), False), ((8, 4, 64, 64), True)])
-def test_step_grad_accuracy_constant_terms(shape, channels_last):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,channels_last", [((2**16, 2), False), ((2**24,), False), ((8, 4, 64, 64), True),
+                                                 ((2**20, 16), False), ((4, 2, 2**20), False)])
+def test_step_grad_accuracy_constant_terms(device, shape, channels_last):
     """Equal terms are the worst case for a float32 running sum: the kernel's float accumulators
-    must be flushed into wider sums often enough to stay within the stated bound."""
-    needs_extension("cpu")
-    x = torch.full(shape, 10.0)  # v >= qmax: t = qmax for every element
+    must be flushed into wider sums often enough to stay within the stated bound (on CUDA:
+    long per-thread sums on the tiled (N, C) and the row paths, and per-tensor)."""
+    needs_extension(device)
+    x = torch.full(shape, 10.0, device=device)  # v >= qmax: t = qmax for every element
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     dim = 1 if len(shape) > 1 else 0
-    step = torch.ones(x.shape[dim]) if len(shape) > 1 else torch.ones(1)
+    step = torch.ones(x.shape[dim] if len(shape) > 1 else 1, device=device)
     check_parity(x, step, 0, 3, dim, dy=torch.full_like(x, 0.1))
 
 

@@ -1,6 +1,7 @@
 // CUDA kernels of dqa_ext's ops: argument checks and layout (dqa_args.h), then the launchers
-// of dqa_kernels.cu on the current stream. Nothing here syncs with the host: a step that is not
-// finite and > 0 gives NaN outputs for its channel instead of an error (see dqa::checked_step).
+// declared in dqa_kernels.cuh (dqa_elementwise.cu, dqa_backward.cu) on the current stream.
+// Nothing here syncs with the host: a step that is not finite and > 0 gives NaN outputs for
+// its channel instead of an error (see dqa::checked_step).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -9,6 +10,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
 #include <tuple>
 
 #include "../dqa_args.h"
@@ -36,12 +39,18 @@ dqa_cuda::Shape shape_of(const at::Tensor& x_dense, int64_t dim, const at::Tenso
   return {b.outer, b.channels, b.inner};
 }
 
-// Of the current device (the guard's). c10 headers only: ATen/cuda/CUDAContext.h would pull in
-// cuBLAS and cuSPARSE headers for no benefit here.
+// Multiprocessors of the current device (the guard's), queried once per device. It only sizes
+// the elementwise grid (one resident wave); no result depends on it. c10 headers only:
+// ATen/cuda/CUDAContext.h would pull in cuBLAS and cuSPARSE headers for no benefit here.
 int sm_count() {
-  int n = 0;
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  constexpr int kCached = 64;
+  static std::array<std::atomic<int>, kCached> cache{};
+  const int dev = c10::cuda::current_device();
+  int n = dev >= 0 && dev < kCached ? cache[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    if (dev >= 0 && dev < kCached) cache[dev].store(n, std::memory_order_relaxed);
+  }
   return n;
 }
 
@@ -78,19 +87,20 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cuda(
   const at::Tensor s = step.contiguous();
   const dqa_cuda::Shape shape = shape_of(xd, dim, s);
   const dqa_cuda::DType dtype = dtype_of(xd);
-  const int sms = sm_count();
-  const size_t ws_bytes = dqa_cuda::fake_quantize_backward_workspace_bytes(
-      dy.const_data_ptr(), xd.const_data_ptr(), dx.const_data_ptr(), shape, dtype, sms,
-      need_step_grad);
-  // Per-block partial sums of the step gradient; the caching allocator makes this cheap.
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>((ws_bytes + sizeof(float) - 1) / sizeof(float))},
-                x.options().dtype(at::kFloat));
+  const size_t ws_bytes =
+      dqa_cuda::fake_quantize_backward_workspace_bytes(shape, dtype, need_step_grad);
+  // Per-block partial sums (float64) of the step gradient; the caching allocator makes this
+  // cheap, and nothing is allocated when there is none.
+  at::Tensor workspace;
+  if (ws_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>((ws_bytes + sizeof(double) - 1) / sizeof(double))},
+                          x.options().dtype(at::kDouble));
+  }
   C10_CUDA_CHECK(dqa_cuda::launch_fake_quantize_backward(
       dy.const_data_ptr(), xd.const_data_ptr(), s.const_data_ptr<float>(), dx.mutable_data_ptr(),
       need_step_grad ? dstep.mutable_data_ptr<float>() : nullptr,
       ws_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, ws_bytes, shape, dtype,
-      static_cast<float>(qmin), static_cast<float>(qmax), grad_scale, sms,
+      static_cast<float>(qmin), static_cast<float>(qmax), grad_scale, sm_count(),
       c10::cuda::getCurrentCUDAStream()));
   return {dx, dstep};
 }

@@ -1,0 +1,106 @@
+"""Every CUDA kernel path of dqa_ext once, on small tensors, for compute-sanitizer
+(scripts/gpu_verify.sh runs it under memcheck, racecheck, initcheck and synccheck).
+
+Paths: the elementwise kernel (forward, and grad_x alone) at every vector width (aligned and
+misaligned pointers, a partial last vector, vectors crossing rows); the row backward (NCHW long
+rows, per-tensor, C == 1) packed and scalar; the tiled backward (channels_last, (N, C), small
+H*W, odd C at width 1) packed and scalar; the finalize; empty tensors; NaN / negative steps.
+`--big` adds C = 70000 (the channel loop over gridDim.y): slow under racecheck, so memcheck only.
+Exit status 1 when a result differs from the reference (so a sanitizer run also checks values)."""
+
+import argparse
+import sys
+
+import torch
+
+import dqa_ext  # noqa: F401  (loads the ops)
+from dqa_ext import reference
+
+ops = torch.ops.dqa_ext
+DEV = "cuda"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+failures = []
+
+
+def steps(c, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(c, generator=g) * 0.4 + 0.05).to(DEV)
+
+
+def data(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 2).to(DEV, dtype)
+
+
+def offset(t, k):
+    """t's values at a pointer k elements past an allocation's start (misaligned for k odd)."""
+    buf = torch.empty(k + t.numel(), dtype=t.dtype, device=DEV)
+    v = buf[k:].view(t.shape)
+    v.copy_(t)
+    return v
+
+
+def same(a, b):
+    a, b = a.float(), b.float()
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def case(name, x, step, dim, qmin=0, qmax=3, dy=None):
+    dy = torch.randn_like(x) if dy is None else dy
+    y = ops.fake_quantize(x, step, qmin, qmax, dim)
+    gx, gs = ops.fake_quantize_backward(dy, x, step, qmin, qmax, dim, 0.5, True)
+    gx2, gs2 = ops.fake_quantize_backward(dy, x, step, qmin, qmax, dim, 0.5, False)
+    torch.cuda.synchronize()
+    yr = reference.fake_quantize_forward(x, step, qmin, qmax, dim)
+    gxr, gsr = reference.fake_quantize_backward(dy, x, step, qmin, qmax, dim, 0.5, True)
+    ok = same(y, yr) and same(gx, gxr) and same(gx2, gxr) and gs2.numel() == 0
+    ok = ok and torch.equal(gs.isnan(), gsr.isnan())
+    fin = gsr.isfinite()
+    ok = ok and bool(torch.allclose(gs[fin].double(), gsr[fin].double(), rtol=1e-3, atol=1e-3))
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {tuple(x.shape)} {x.dtype}", flush=True)
+    if not ok:
+        failures.append(name)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big", action="store_true", help="add C = 70000 (memcheck only)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_sanitize_paths: no CUDA device")
+        return 2
+    for dt in DTYPES:
+        x = data((2, 16, 16, 16), dt)
+        case(f"rows nchw {dt}", x, steps(16), 1)
+        case(f"rows nchw misaligned x {dt}", offset(x, 1), steps(16), 1)
+        case(f"rows nchw x at 2 elements (elementwise width 2) {dt}", offset(x, 2), steps(16), 1)
+        case(f"rows nchw misaligned dy {dt}", x, steps(16), 1, dy=offset(data(x.shape, dt, 5), 3))
+        case(f"rows per-tensor, partial last vector {dt}", data((3, 5, 7, 11), dt), steps(1), 1, -4, 3)
+        case(f"rows per-tensor misaligned {dt}", offset(data((3, 5, 7, 11), dt), 1), steps(1), 1)
+        case(f"rows C == 1 {dt}", data((3, 1, 300), dt), steps(1), 1)
+        case(f"rows fp16-style inner 130 {dt}", data((3, 4, 130), dt), steps(4), 1)
+        case(f"tiles nchw small hw {dt}", data((2, 8, 7, 7), dt), steps(8), 1)
+        case(f"tiles nchw small hw misaligned {dt}", offset(data((2, 8, 7, 7), dt), 1), steps(8), 1)
+        case(f"tiles channels_last {dt}", x.contiguous(memory_format=torch.channels_last), steps(16), 1)
+        case(f"tiles (N, C) {dt}", data((33, 24), dt), steps(24), 1)
+        case(f"tiles (N, odd C) width 1 {dt}", data((5, 1001), dt), steps(1001), 1)
+        case(f"tiles many rows {dt}", data((3000, 8), dt), steps(8), 1)
+        e = torch.empty((0, 4, 3), device=DEV, dtype=dt)
+        ops.fake_quantize(e, steps(4), 0, 3, 1)
+        _, gs = ops.fake_quantize_backward(e, e, steps(4), 0, 3, 1, 1.0, True)
+        if not torch.equal(gs, torch.zeros(4, device=DEV)):
+            failures.append(f"empty {dt}")
+    bad = steps(8)
+    bad[3] = float("nan")
+    bad[5] = -1.0
+    case("non-finite / negative steps", data((2, 8, 9, 9), torch.float32), bad, 1)
+    if args.big:
+        case("C = 70000 inner 64 (channel loop over gridDim.y)", data((1, 70000, 64), torch.float32),
+             steps(70000), 1)
+    torch.cuda.synchronize()
+    print(f"gpu_sanitize_paths: {len(failures)} failed" + (f": {failures}" if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The CUDA kernels' own cases (they skip without a GPU): each names the kernel path it is for.
+The layouts, dtypes, edge values, fuzz and accuracy tests of test_layouts.py and test_math.py run
+on CUDA as well; these add what only the CUDA planner makes special: vector widths that follow
+the pointers' alignment, a reduction order fixed by the shape, the channel loop over gridDim.y,
+rows shorter than a vector, and 64-bit indexing in the backward."""
+
+import pytest
+import torch
+
+from dqa_ext import reference
+
+from conftest import CUDA, needs_extension
+from parity import bitwise_equal, check_parity, step_grad_tolerance
+
+pytestmark = CUDA
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ops = torch.ops.dqa_ext
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels():
+    needs_extension(DEV)
+
+
+def data(shape, dtype, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(device=DEV, dtype=dtype)
+
+
+def steps(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, generator=g) + 0.05).to(DEV)
+
+
+def offset_view(t, offset):
+    """t's values in a buffer that starts `offset` elements later than an allocation: a dense
+    tensor whose pointer is aligned to the element only."""
+    buf = torch.empty(offset + t.numel(), dtype=t.dtype, device=t.device)
+    view = buf[offset:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+# (shape, channel_dim, memory format): the row path (NCHW, long rows), the tiled path
+# (channels_last, (N, C), small H*W), per-tensor (passed with one step).
+LAYOUTS = {
+    "nchw_rows": ((4, 8, 16, 20), 1, torch.contiguous_format),
+    "nchw_small_hw": ((4, 8, 7, 7), 1, torch.contiguous_format),
+    "channels_last": ((4, 12, 9, 11), 1, torch.channels_last),
+    "2d": ((301, 40), 1, torch.contiguous_format),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+@pytest.mark.parametrize("offset", [1, 3])
+def test_dstep_bitwise_equal_for_offset_view_and_clone(dtype, layout, per_channel, offset):
+    """The partition of the dstep sum depends on (shape, dtype) only: a misaligned view (scalar
+    loads) and its aligned clone (vector loads) give the same bits, and dx is bitwise equal."""
+    shape, dim, fmt = LAYOUTS[layout]
+    x = data(shape, dtype).contiguous(memory_format=fmt)
+    dy = data(shape, dtype, seed=5).contiguous(memory_format=fmt)
+    step = steps(shape[dim] if per_channel else 1)
+    if fmt == torch.contiguous_format:
+        xv, dyv = offset_view(x, offset), offset_view(dy, offset)
+        assert xv.data_ptr() % 16 != 0
+    else:  # keep channels_last: offset the storage of the permuted contiguous tensor
+        perm = (0, 2, 3, 1)
+        xv = offset_view(x.permute(perm).contiguous(), offset).permute(0, 3, 1, 2)
+        dyv = offset_view(dy.permute(perm).contiguous(), offset).permute(0, 3, 1, 2)
+        assert xv.is_contiguous(memory_format=torch.channels_last)
+    dx_a, ds_a = ops.fake_quantize_backward(dy, x, step, 0, 3, dim, 0.5, True)
+    for xx, dd in ((xv, dyv), (x, dyv), (xv, dy)):
+        dx_b, ds_b = ops.fake_quantize_backward(dd, xx, step, 0, 3, dim, 0.5, True)
+        bitwise_equal(dx_b, dx_a)
+        bitwise_equal(ds_b, ds_a)
+    check_parity(xv, step, 0, 3, dim, grad_scale=0.5, dy=dyv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dy_misaligned_x_aligned(dtype):
+    """Elementwise width 1 for grad_x alone (dy sets it), scalar loads in the backward."""
+    x = data((3, 16, 40), dtype)
+    dy = offset_view(data((3, 16, 40), dtype, seed=2), 1)
+    check_parity(x, steps(16), 0, 3, 1, dy=dy)
+    check_parity(x, steps(16), 0, 3, 1, dy=dy, need_step_grad=False)
+    check_parity(offset_view(x, 2), steps(16), -4, 3, 1, dy=data(x.shape, dtype, seed=3))
+
+
+def test_many_channels_loop_over_grid_y():
+    """C = 70000 > 65535 = max gridDim.y: the row kernel's blocks take several channels."""
+    x = data((2, 70000, 64), torch.float32)
+    check_parity(x, steps(70000), 0, 3, 1, grad_scale=0.25)
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_n_by_100001_bfloat16(per_channel):
+    """(N, C) with odd C: the tiled kernel at vector width 1; per-tensor: an odd flat tensor."""
+    x = data((6, 100001), torch.bfloat16)
+    check_parity(x, steps(100001 if per_channel else 1), 0, 7, 1, grad_scale=0.5)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_float16_inner_130(offset):
+    """Rows of 260 bytes: the row path at vector width 2 (130 = 2 * 65); the elementwise pass at
+    width 8 crosses rows inside a vector."""
+    x = offset_view(data((5, 8, 130), torch.float16), offset)
+    check_parity(x, steps(8), 0, 3, 1, grad_scale=0.5)
+    check_parity(x, steps(8), 0, 3, 1, need_step_grad=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("numel", [1, 7, 4095, 4097, 2**20 + 3])
+def test_partial_last_vector(dtype, numel):
+    """The last vector of the flat tensor is partial (forward, grad_x, per-tensor backward)."""
+    x = data((numel,), dtype)
+    check_parity(x, steps(1), 0, 3, 0)
+    check_parity(x, steps(1), 0, 3, 0, need_step_grad=False)
+
+
+def test_empty_writes_zero_dstep():
+    x = torch.empty((0, 5, 3), device=DEV)
+    dx, ds = ops.fake_quantize_backward(x, x, steps(5), 0, 3, 1, 1.0, True)
+    assert dx.shape == x.shape and torch.equal(ds, torch.zeros(5, device=DEV))
+
+
+def test_cuda_graph_capture():
+    """No host sync on the hot path: forward + backward capture into a CUDA graph and replay."""
+    x, dy, step = data((8, 16, 32, 32), torch.float16), data((8, 16, 32, 32), torch.float16, 4), steps(16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (allocator, lazy loading)
+        ops.fake_quantize(x, step, 0, 3, 1)
+        ops.fake_quantize_backward(dy, x, step, 0, 3, 1, 1.0, True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.fake_quantize(x, step, 0, 3, 1)
+        dx, ds = ops.fake_quantize_backward(dy, x, step, 0, 3, 1, 1.0, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    bitwise_equal(y, ops.fake_quantize(x, step, 0, 3, 1))
+    dx2, ds2 = ops.fake_quantize_backward(dy, x, step, 0, 3, 1, 1.0, True)
+    bitwise_equal(dx, dx2)
+    bitwise_equal(ds, ds2)
+
+
+def _free_gib():
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+# x, dy and dx of 2**31 + a few rows' elements in bfloat16: about 12.1 GiB.
+BIG = {
+    "tiled_n_by_c": ((2**31 // 4144 + 2, 4144), 1, True),
+    "rows_per_channel": ((1025, 8, 2**18), 1, True),
+    "rows_per_tensor": ((2**31 // 4144 + 2, 4144), 1, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BIG))
+def test_backward_over_2_31_elements(case):
+    """64-bit indexing in the backward with dstep: dy is zero except in a few rows (the first,
+    both sides of element 2**31, the last), so dstep is those rows' sum, checked against the
+    reference on those rows; dx is checked bitwise there and zero elsewhere sampled."""
+    shape, dim, per_channel = BIG[case]
+    if _free_gib() < 16:
+        pytest.skip("needs about 16 GiB of free GPU memory")
+    x = torch.empty(shape, dtype=torch.bfloat16, device=DEV).uniform_(-1, 4)
+    step = torch.linspace(0.3, 1.2, shape[dim], device=DEV) if per_channel else steps(1)
+    row_elems = x[0].numel()
+    rows = sorted({0, 2**31 // row_elems - 1, 2**31 // row_elems, shape[0] - 1})
+    dy = torch.zeros_like(x)
+    g = torch.Generator().manual_seed(3)
+    for r in rows:
+        dy[r] = torch.randn(x[r].shape, generator=g).to(device=DEV, dtype=dy.dtype)
+    dx, ds = ops.fake_quantize_backward(dy, x, step, 0, 3, dim, 0.5, True)
+    xs, dys = x[rows], dy[rows]
+    dxr, dsr = reference.fake_quantize_backward(dys, xs, step, 0, 3, dim, 0.5, True)
+    bitwise_equal(dx[rows], dxr)
+    tol = step_grad_tolerance(dys, xs, step, 0, 3, dim, 0.5)
+    assert bool(((ds.double() - dsr.double()).abs() <= tol).all()), (ds - dsr).abs().max()
+    # Between the checked rows dy is zero, so dx is zero there (0 * step: no NaN steps here).
+    assert not bool(dx[rows[0] + 1 : rows[1]].any())
