@@ -2,7 +2,9 @@
 
 from . import functional, reference
 from ._backend import backend_info, set_backend
-from .convert import convert
+from .calibrate import calibrate, freeze_steps
+from .convert import ConvertReport, convert
 from .nn import DQAReLU
 
-__all__ = ["DQAReLU", "backend_info", "convert", "functional", "reference", "set_backend"]
+__all__ = ["ConvertReport", "DQAReLU", "backend_info", "calibrate", "convert", "freeze_steps", "functional",
+           "reference", "set_backend"]

@@ -6,9 +6,14 @@ stderr and exits 2; heavy imports (torch's training stack, ART, matplotlib) happ
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
 import shlex
 import sys
+
+# What `dqa attack`, `report` and `reproduce` write into --out (checked before any work).
+REPORT_FILES = ("results.json", "report.md", "acc_vs_eps.png", "steps.png")
 
 
 class UsageError(Exception):
@@ -51,6 +56,21 @@ def _budget_items(items):
     return out
 
 
+def _need(*modules: str) -> None:
+    """Import a command's optional dependencies up front: a missing one is reported (one line, see
+    main) before any work, not after an epoch."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+def _positive(flag: str, value, *, allow_zero: bool = False) -> None:
+    """None (the default) or a finite number > 0 (>= 0 with allow_zero)."""
+    if value is None:
+        return
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{flag} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
 def _add_data(p):
     p.add_argument("--data", default="mnist5k", help="mnist5k (embedded, default), mnist or cifar10")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files or cifar-10-batches-py")
@@ -85,13 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-train", type=int, help="use only the first N training images")
     t.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     t.add_argument("--out", default="model.pt", help="checkpoint path (written atomically each epoch)")
-    t.add_argument("--resume", action="store_true", help="continue from --out's last epoch")
+    t.add_argument("--resume", action="store_true", help="continue from --out's last epoch (same settings; "
+                   "--epochs may grow for Adam runs)")
+    t.add_argument("--force", action="store_true", help="overwrite an existing --out instead of refusing")
 
     a = sub.add_parser("attack", help="attack trained checkpoints and write results.json + report.md")
     a.add_argument("checkpoints", nargs="+", help="checkpoints written by `dqa train`")
     _add_data(a)
     a.add_argument("--attacks", default=None,
-                   help="comma-separated: fgsm,pgd,apgd,cw,zoo,square,substitute,pgd_zero (default: all but pgd_zero)")
+                   help="comma-separated names (default: the adaptive suite apgd_ce,apgd_t,twin_clip,twin_sig_low,"
+                        "twin_sig_high,bpda_sig,square,transfer and the paper's fgsm,pgd,cw,zoo,substitute,pgd_zero; "
+                        "cross-checks against ART: apgd_art,square_art,cw_art)")
     a.add_argument("--eps", type=float, help="L-inf epsilon (default 0.3 MNIST, 8/255 CIFAR-10)")
     a.add_argument("--attack-grad", choices=["bpda", "zero"], default="bpda",
                    help="bpda: straight-through gradients (default); zero: the quantizer's true derivative")
@@ -109,41 +133,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="the paper's experiment matrix, trained, attacked and reported")
     p.add_argument("--out", default="dqa-report", help="output folder (default ./dqa-report)")
-    p.add_argument("--preset", default="default", choices=["default", "paper", "smoke"])
+    p.add_argument("--preset", default="default", choices=["default", "matrix", "paper", "smoke"],
+                   help="default: relu/fixed2/dqa2 on the embedded MNIST subset; matrix: bits 1-3 there; "
+                        "paper: bits 1-3 on full MNIST and CIFAR-10 (for a GPU); smoke: a tiny run")
+    p.add_argument("--quick", action="store_true",
+                   help="keep the preset's matrix, shrink epochs, data and budgets to a smoke run")
     p.add_argument("--data-dir", help="for --preset paper: folder with MNIST IDX files and cifar-10-batches-py")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--resume", action="store_true", help="reuse/continue the checkpoints under --out")
+    p.add_argument("--force", action="store_true", help="retrain over existing checkpoints under --out")
     p.add_argument("--budget", action="append", metavar="KEY=VALUE", help="override a budget setting; repeatable")
     return parser
 
 
 def _cmd_train(ns) -> int:
-    from .robust.models import parse_activation
-    from .robust.train import TrainConfig, train
+    from .robust.models import default_arch
+    from .robust.outputs import check_output_file
+    from .robust.train import TrainConfig, check_arch_kwargs, train
 
-    parse_activation(ns.activation)
     arch_kwargs = {k: v for k, v in (("channels", ns.channels), ("hidden", ns.hidden), ("kernel", ns.kernel),
                                      ("width", ns.width)) if v is not None}
-    if "width" in arch_kwargs and ns.arch != "resnet20" and ns.data != "cifar10":
-        raise UsageError("--width applies to resnet20 only")
-    if ns.n_train is not None and ns.n_train < 1:
-        raise UsageError("--n-train must be >= 1")
     cfg = TrainConfig(data=ns.data, data_dir=ns.data_dir, activation=ns.activation, adv=ns.adv, arch=ns.arch,
                       arch_kwargs=arch_kwargs, epochs=ns.epochs, batch_size=ns.batch_size, optimizer=ns.optimizer,
                       lr=ns.lr, eps=ns.eps, pgd_steps=ns.pgd_steps, pgd_step_size=ns.pgd_step_size,
                       eps_warmup=ns.eps_warmup, n_train=ns.n_train, seed=ns.seed, device=ns.device,
-                      amp=not ns.no_amp, out=ns.out, resume=ns.resume)
-    train(cfg)
-    print(f"wrote {ns.out}")
+                      amp=not ns.no_amp, out=ns.out, resume=ns.resume, force=ns.force).validate()
+    # The architecture follows from the data's channels, so its settings can be checked now.
+    check_arch_kwargs(arch_kwargs, ns.arch or default_arch((3 if ns.data == "cifar10" else 1, 1, 1)))
+    check_output_file(ns.out, what="--out")
+    _need("tqdm")
+    model = train(cfg)
+    if model.dqa_meta["epochs_run"]:  # 0: a resumed checkpoint that was already finished
+        print(f"wrote {ns.out}")
     return 0
 
 
 def _cmd_attack(ns) -> int:
     import time
 
-    from .robust.attacks import ATTACKS, DEFAULT_ATTACKS, Budget, evaluate
+    from .robust.attacks import ATTACKS, DEFAULT_ATTACKS, Budget, evaluate_models
     from .robust.data import load_dataset
+    from .robust.outputs import check_output_dir
     from .robust.report import write_report
     from .robust.reproduce import provenance
     from .robust.train import load_model, resolve_device
@@ -154,23 +185,40 @@ def _cmd_attack(ns) -> int:
         raise UsageError(f"--attacks: unknown {', '.join(bad)}; choose from {', '.join(ATTACKS)}")
     over = _budget_items(ns.budget)
     if ns.n is not None:
+        if ns.n < 1:
+            raise UsageError(f"--n must be an integer >= 1, got {ns.n}")
         over["n"] = ns.n
     budget = Budget(**over).validate()
+    _positive("--eps", ns.eps)
+    for e in ns.sweep_eps or []:
+        _positive("--sweep-eps", e, allow_zero=True)
     t0 = time.time()
     device = resolve_device(ns.device)
+    check_output_dir(ns.out, REPORT_FILES, what="--out")
+    _need("art", "matplotlib")
+    # Every checkpoint is read and checked before the first attack runs.
+    loaded = [(path, load_model(path, device)) for path in ns.checkpoints]
     ds = load_dataset(ns.data, ns.data_dir)
-    models = []
-    for path in ns.checkpoints:
-        model = load_model(path, device)
+    for path, model in loaded:
         meta = model.dqa_meta
         if tuple(meta["input_shape"]) != ds.input_shape:
             raise UsageError(f"{path} was trained on {meta['dataset']} {meta['input_shape']}, not {ds.describe()}")
+    named = {}
+    for path, model in loaded:
+        meta = model.dqa_meta
         name = f"{meta['activation']}-{meta['training']}"
-        print(f"-- attacking {name} ({path})")
-        ev = evaluate(model, ds, attacks=attacks, eps=ns.eps, budget=budget, attack_grad=ns.attack_grad,
-                      sweep=not ns.no_sweep, sweep_eps=ns.sweep_eps, seed=ns.seed)
+        if name in named:  # two checkpoints of one kind: tell them apart by file
+            name = f"{name} ({path})"
+        named[name] = (path, model)
+    # Every model is also attacked with the others' adversarial points (transfer).
+    evals = evaluate_models({k: m for k, (_, m) in named.items()}, ds, attacks=attacks, eps=ns.eps, budget=budget,
+                            attack_grad=ns.attack_grad, sweep=not ns.no_sweep, sweep_eps=ns.sweep_eps, seed=ns.seed)
+    models = []
+    for name, (path, model) in named.items():
+        meta = model.dqa_meta
         models.append({"name": name, "activation": meta["activation"], "training": meta["training"],
-                       "checkpoint": path, "eval": ev, "train": {"history": meta["history"], "config": meta["config"]}})
+                       "checkpoint": path, "eval": evals[name],
+                       "train": {"history": meta["history"], "config": meta["config"]}})
     results = {"tool": "dqa_ext.robust", "command": "dqa " + shlex.join(sys.argv[1:] if ns._argv is None else ns._argv),
                "settings": {"data": ds.describe(), "eps": models[0]["eval"]["eps"], "attack_grad": ns.attack_grad,
                             "attacks": attacks, "device": str(device)},
@@ -183,11 +231,15 @@ def _cmd_attack(ns) -> int:
 def _cmd_report(ns) -> int:
     from pathlib import Path
 
+    from .robust.outputs import check_output_dir
     from .robust.report import load_results, write_report
 
     results = load_results(ns.path)
     src = Path(ns.path)
-    paths = write_report(results, ns.out or (src if src.is_dir() else src.parent))
+    out = ns.out or (src if src.is_dir() else src.parent)
+    check_output_dir(out, REPORT_FILES, what="--out" if ns.out else "report folder")
+    _need("matplotlib")
+    paths = write_report(results, out)
     print(f"wrote {paths['report']}")
     return 0
 
@@ -199,14 +251,44 @@ def _cmd_info(ns) -> int:
     return 0
 
 
+def _reproduce_folders(preset: str) -> list[str]:
+    """Subfolders of --out that a preset writes into: "" for one dataset, one per dataset else."""
+    from .robust.reproduce import PRESETS
+
+    datasets = PRESETS.get(preset, {}).get("datasets", [None])
+    return [""] if len(datasets) <= 1 else [f"{d}/" for d in datasets]
+
+
+def _check_reproduce_out(ns) -> None:
+    """--out must take the reports and models/ checkpoints; existing checkpoints need --resume or --force."""
+    from pathlib import Path
+
+    from .robust.outputs import check_output_dir
+
+    folders = _reproduce_folders(ns.preset)
+    check_output_dir(ns.out, [f + n for f in folders for n in (*REPORT_FILES, "models/")], what="--out")
+    if ns.resume or ns.force:
+        return
+    found = sorted(str(p) for f in folders for p in (Path(ns.out) / f / "models").glob("*.pt"))
+    if found:
+        raise UsageError(f"--out {ns.out} already holds checkpoints ({found[0]}{', ...' if len(found) > 1 else ''}); "
+                         "use --resume to reuse them or --force to retrain")
+
+
 def _cmd_reproduce(ns) -> int:
     from .robust.reproduce import reproduce
+    from .robust.train import resolve_device
 
     if ns.preset == "paper" and not ns.data_dir:
         raise UsageError("--preset paper needs --data-dir with the MNIST IDX files and cifar-10-batches-py")
+    budget = _budget_items(ns.budget)
+    resolve_device(ns.device)
+    _check_reproduce_out(ns)
+    _need("art", "matplotlib", "tqdm")
     argv = ns._argv if ns._argv is not None else sys.argv[1:]
     reproduce(preset=ns.preset, out=ns.out, data_dir=ns.data_dir, device=ns.device, seed=ns.seed,
-              resume=ns.resume, budget_overrides=_budget_items(ns.budget), command="dqa " + shlex.join(argv))
+              resume=ns.resume, budget_overrides=budget, command="dqa " + shlex.join(argv), force=ns.force,
+              quick=ns.quick)
     return 0
 
 
@@ -224,6 +306,14 @@ def main(argv=None) -> int:
         return COMMANDS[ns.command](ns)
     except (UsageError, *USER_ERRORS) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"dqa: error: {msg}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        from ._extras import missing_robust_extra
+
+        msg = missing_robust_extra(e)
+        if msg is None:
+            raise
         print(f"dqa: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,37 +1,460 @@
-"""convert(model): every nn.ReLU becomes a DQAReLU."""
+"""convert(model): every ReLU activation site becomes its own DQAReLU.
 
-from torch import nn
+Each module's own forward is traced with torch.fx, one level at a time (its submodules are leaves),
+so a module ReLU called twice (torchvision's `self.relu`) and the functional calls (F.relu,
+torch.relu, Tensor.relu, relu_, inplace) are all seen. Where every site is a module ReLU called
+once, the ReLU is swapped in place and the model keeps its own classes; a module whose forward
+needs a new call (a reused ReLU split, a functional call replaced) becomes a torch.fx.GraphModule
+of the same name, with the same submodules and state_dict keys. A forward that does not trace
+(data-dependent control flow) keeps its code: its module ReLUs are swapped and the report names the
+functional calls it could not see.
+
+A rewritten forward is the code fx recorded at convert time: Python values read in forward are frozen
+into it (plain attributes and flags, `x is None` checks, `if self.flag:` branches). Each module is
+traced in train and in eval mode, so one that reads self.training (F.dropout(..., training=
+self.training), `if self.training:`) is never rewritten: its module ReLUs are swapped and its
+functional ReLU calls are reported as left. Other attributes read in forward are not checked:
+change them before convert, not after."""
+
+import fnmatch
+import inspect
+import re
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
 
 from .nn import DQAReLU
 
+_FUNCTIONS = {F.relu: "F.relu", F.relu_: "F.relu_", torch.relu: "torch.relu", torch.relu_: "torch.relu_"}
+_METHODS = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
+# ReLU calls in source code that are not calls of a `self.<name>` module.
+_FUNCTIONAL_SOURCE = re.compile(r"(?<!self)\.relu_?\(|\brelu_?\(")
 
-def convert(model, bits=2, mode="dynamic", **kwargs):
-    """Replaces every nn.ReLU module of model (inplace ones too) by DQAReLU(bits, mode, **kwargs)
-    and returns the model (a lone nn.ReLU is returned as a new DQAReLU).
 
-    One ReLU instance registered in several places becomes one shared DQAReLU. A ReLU module
-    called on tensors of different channel counts (one `self.relu` used after several layers)
-    needs per_channel=False, or separate modules. The new steps are lazy: run one forward
-    before creating the optimizer or wrapping the model in DDP."""
-    new = {}
+@dataclass
+class Site:
+    """One activation site: `name` is the path of its DQAReLU (or of what was left)."""
 
-    def replacement(relu):
-        if id(relu) not in new:
-            new[id(relu)] = DQAReLU(bits=bits, mode=mode, **kwargs)
-        return new[id(relu)]
+    name: str
+    kind: str    # "nn.ReLU", "F.relu", "Tensor.relu_", ...
+    owner: str   # the module whose forward makes the call ("" for the root)
+    status: str  # "converted", "skipped" or "left"
+    how: str     # how it was converted, or why it was left
 
-    if isinstance(model, nn.ReLU):
-        return replacement(model)
-    seen = set()
-    stack = [model]
-    while stack:
-        module = stack.pop()
-        if id(module) in seen:
+
+class ConvertReport:
+    """What convert did, site by site; print it for a table."""
+
+    def __init__(self):
+        self.sites = []
+        self.rewritten = []  # modules that became torch.fx.GraphModules
+
+    def add(self, name, kind, owner, status, how):
+        self.sites.append(Site(name, kind, owner, status, how))
+
+    def of(self, status):
+        return [s for s in self.sites if s.status == status]
+
+    @property
+    def converted(self):
+        return self.of("converted")
+
+    @property
+    def skipped(self):
+        return self.of("skipped")
+
+    @property
+    def left(self):
+        return self.of("left")
+
+    def __str__(self):
+        head = (f"dqa_ext.convert: {len(self.converted)} activation site(s) converted, {len(self.skipped)} "
+                f"skipped, {len(self.left)} left")
+        if self.rewritten:
+            head += f"; rewritten with torch.fx: {', '.join(n or '<root>' for n in self.rewritten)}"
+        rows = [f"  {s.status:<9} {s.name or '<root>':<28} {s.kind:<14} {s.how}" for s in self.sites]
+        return "\n".join([head] + rows)
+
+    __repr__ = __str__
+
+
+class _OneLevelTracer(fx.Tracer):
+    """Traces a module's own forward: every submodule call is a leaf (a call_module node)."""
+
+    def is_leaf_module(self, m, qualname):
+        return True
+
+
+def _skip_rule(skip):
+    if skip is None:
+        return lambda site: False
+    if callable(skip):
+        return skip
+    names = [skip] if isinstance(skip, str) else list(skip)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"dqa_ext.convert: skip must be None, a name pattern, a list of them or a predicate "
+                        f"of the site, got {skip!r}")
+    return lambda site: any(fnmatch.fnmatchcase(site.name, n) for n in names)
+
+
+def _join(*parts):
+    return ".".join(p for p in parts if p)
+
+
+def _needs_trace(module):
+    """Containers without forward are never called; torch.nn's own leaf layers hold no ReLU calls."""
+    if type(module).forward is nn.Module.forward:
+        return False
+    return bool(module._modules) or not type(module).__module__.startswith("torch.nn.")
+
+
+def _input_and_inplace(node, module=None):
+    args, kwargs = node.args, node.kwargs
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    if node.op == "call_module":
+        return x, bool(getattr(module, "inplace", False))
+    if node.op == "call_method":
+        return x, node.target.endswith("_")
+    inplace = node.target in (F.relu_, torch.relu_) or bool(
+        kwargs.get("inplace", args[1] if node.target is F.relu and len(args) > 1 else False))
+    return x, inplace
+
+
+def _later_users(graph, node, x):
+    """Nodes after `node` that read x: an inplace ReLU changed x for them."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return [u for u in x.users if u is not node and order[u] > order[node]] if isinstance(x, fx.Node) else []
+
+
+def _functional_lines(module):
+    try:
+        lines, start = inspect.getsourcelines(type(module).forward)
+    except (OSError, TypeError):
+        return None
+    return [start + i for i, line in enumerate(lines)
+            if _FUNCTIONAL_SOURCE.search(line.split("#")[0]) and "def " not in line]
+
+
+def _slots(model):
+    """id(module) -> [(parent, attribute)] for every place it is registered."""
+    out = {}
+    for _, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is not None:
+                out.setdefault(id(child), []).append((parent, attr))
+    return out
+
+
+def _shared_targets(owner, graph):
+    """fx names a module registered at several places (one ReLU twice in a Sequential) by its first
+    path; when it is called as many times as it is registered, the k-th call is the k-th place."""
+    paths = {}
+    for p, m in owner.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.ReLU) and p:
+            paths.setdefault(id(m), []).append(p)
+    nodes = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            nodes.setdefault(id(owner.get_submodule(node.target)), []).append(node)
+    out = {}
+    for key, places in paths.items():
+        if len(places) > 1 and len(nodes.get(key, [])) == len(places):
+            out.update(zip(nodes[key], places))
+    return out
+
+
+def _unique_attr(module, base, taken):
+    name, i = base, 1
+    while hasattr(module, name) or name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _graph_module(owner, graph, added, constants):
+    """owner's traced graph as a GraphModule of owner's name, with all of owner's submodules,
+    parameters and buffers (so state_dict keys stay) plus the new DQAReLUs. Tensors forward reads
+    that owner holds as plain attributes, and fx's tensor constants, become non-persistent buffers
+    (they move with the module and add no state_dict key)."""
+    gm = fx.GraphModule(nn.Module(), fx.Graph(), class_name=type(owner).__name__)
+    gm._modules = OrderedDict(list(owner._modules.items()) + list(added.items()))
+    gm._parameters = OrderedDict(owner._parameters)
+    gm._buffers = OrderedDict(owner._buffers)
+    gm._non_persistent_buffers_set = set(owner._non_persistent_buffers_set)
+    for node in graph.nodes:
+        # A dotted target is read through owner's own submodules, which gm holds.
+        name = node.target
+        if node.op != "get_attr" or "." in name or name in gm._parameters or name in gm._buffers \
+                or name in gm._modules:
             continue
-        seen.add(id(module))
-        for name, child in list(module._modules.items()):
+        value = constants[name] if name in constants else getattr(owner, name)
+        if isinstance(value, torch.Tensor):
+            gm.register_buffer(name, value, persistent=False)
+        else:
+            setattr(gm, name, value)
+    for hooks in ("_forward_hooks", "_forward_pre_hooks"):
+        setattr(gm, hooks, getattr(owner, hooks))
+    gm.training = owner.training
+    gm._tracer_cls = graph._tracer_cls  # as GraphModule(root, graph) sets it (read by its pickling)
+    gm.graph = graph  # compiles forward once every attribute it reads is in place
+    return gm
+
+
+def _trace(module):
+    """module's forward traced as it is now: (graph, {name: tensor constant}). fx stores the tensor
+    constants of forward as new attributes of module; they are taken off again here."""
+    before = set(module.__dict__)
+    try:
+        graph = _OneLevelTracer().trace(module)
+    finally:
+        constants = {k: module.__dict__.pop(k) for k in list(module.__dict__) if k not in before}
+    return graph, constants
+
+
+def _same_constant(a, b):
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    return a is b
+
+
+def _trace_both_modes(module):
+    """module traced in train and in eval mode (every mode is restored after):
+    (graph, constants) of its current mode, and whether the two traces are the same."""
+    modes = [(m, m.training) for m in module.modules()]
+    traces = {}
+    try:
+        for training in (True, False):
+            for m, _ in modes:  # the flag only: a train() override may do more than set it
+                m.training = training
+            traces[training] = _trace(module)
+    finally:
+        for m, training in modes:
+            m.training = training
+    (g1, c1), (g2, c2) = traces[True], traces[False]
+    same = g1.python_code("self").src == g2.python_code("self").src and c1.keys() == c2.keys() and \
+        all(_same_constant(c1[k], c2[k]) for k in c1)
+    return traces[module.training], same, (traces[True][0], traces[False][0])
+
+
+def _get_path(module, path):
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_report=False, **kwargs):
+    """Replaces every ReLU activation site of model by its own DQAReLU(bits, mode, **kwargs).
+
+    Sites: nn.ReLU modules (inplace too; one called at several places gets one DQAReLU per call),
+    F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu and Tensor.relu_ calls in forward.
+    skip: site names not to convert (fnmatch patterns such as "layer4.*", or a list of them), or
+        a predicate of the Site (site.name, site.kind, site.owner) returning True to skip.
+    verbose: print the report; return_report: return (model, report) instead of model.
+    Returns the model: the same object, with its classes, unless its own forward had to be
+    rewritten (then a torch.fx.GraphModule of the same name). Anything left unconverted (a forward
+    that does not trace, or that reads self.training) is reported and warned about. A rewritten
+    forward freezes the plain Python attributes it reads (see the module docstring). The new steps are lazy: run one forward or
+    dqa_ext.calibrate before creating the optimizer or wrapping the model in DDP."""
+    DQAReLU(bits=bits, mode=mode, **kwargs)  # bad arguments fail here, before any change
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"dqa_ext.convert: model must be an nn.Module, got {type(model).__name__}")
+    skipped = _skip_rule(skip)
+    report = ConvertReport()
+
+    def new():
+        return DQAReLU(bits=bits, mode=mode, **kwargs)
+
+    if isinstance(model, nn.ReLU):  # a lone ReLU: its replacement
+        site = Site("", "nn.ReLU", "", "converted", "replaced")
+        replaced = new()
+        if skipped(site):
+            site.status, site.how, replaced = "skipped", "by the skip option", model
+        report.sites.append(site)
+        return _finish(replaced, report, verbose, return_report)
+
+    slots = _slots(model)
+    # 1. Trace each module's own forward and list its sites, parents first.
+    traced, untraced = [], []
+    by_mode = []  # forwards whose train and eval traces differ: kept, like untraced ones
+    graph_constants = {}  # id(module) -> the tensor constants of its traced forward
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.ReLU, DQAReLU)) or not _needs_trace(module):
+            continue
+        try:
+            (graph, constants), same, graphs = _trace_both_modes(module)
+        except Exception as exc:  # noqa: BLE001  (any failure: fall back to module swaps here)
+            untraced.append((path, module, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+            continue
+        if not same:  # a rewrite would freeze the mode it was traced in
+            by_mode.append((path, module, graphs))
+            continue
+        traced.append((path, module, graph))
+        graph_constants[id(module)] = constants
+
+    sites = []  # dicts: the node, its owner and how it can be converted
+    called = set()  # id of every ReLU module a traced forward calls
+    calls = {}  # slot -> its sites, in order
+    for path, owner, graph in traced:
+        taken = set()
+        targets = _shared_targets(owner, graph)
+        for node in graph.nodes:
+            module = None
+            if node.op == "call_module":
+                module = owner.get_submodule(node.target)
+                if not isinstance(module, nn.ReLU):
+                    continue
+                kind = "nn.ReLU"
+                called.add(id(module))
+                if node in targets:
+                    node.target = targets[node]
+            elif node.op == "call_function" and node.target in _FUNCTIONS:
+                kind = _FUNCTIONS[node.target]
+            elif node.op == "call_method" and node.target in _METHODS:
+                kind = _METHODS[node.target]
+            else:
+                continue
+            x, inplace = _input_and_inplace(node, module)
+            site = dict(node=node, graph=graph, owner=owner, owner_path=path, kind=kind, x=x,
+                        later=_later_users(graph, node, x) if inplace else [], taken=taken)
+            if module is not None:
+                parent_path, _, attr = node.target.rpartition(".")
+                slot = (id(owner.get_submodule(parent_path)), attr)
+                site.update(slot=slot, parent=owner.get_submodule(parent_path), attr=attr)
+                calls.setdefault(slot, []).append(site)
+                site["name"] = _join(path, node.target) if len(calls[slot]) == 1 else None
+            sites.append(site)
+
+    # 2. Names (the DQAReLU's path) and the skip decisions.
+    for site in sites:
+        if site.get("name") is None:
+            attr = _unique_attr(site["owner"], site["node"].name, site["taken"])
+            site.update(name=_join(site["owner_path"], attr), new_attr=attr)
+        site["skip"] = skipped(Site(site["name"], site["kind"], site["owner_path"], "", ""))
+    for slot_sites in calls.values():
+        # A slot is swapped in place when its first call is converted and no call of it is skipped.
+        swap = not any(s["skip"] for s in slot_sites)
+        for i, s in enumerate(slot_sites):
+            s["swap"] = swap and i == 0
+            if not s["swap"] and "new_attr" not in s and not s["skip"]:
+                attr = _unique_attr(s["owner"], s["node"].name, s["taken"])
+                s.update(name=_join(s["owner_path"], attr), new_attr=attr)
+
+    # 3. Apply: in-place swaps, then graph rewrites, deepest modules first.
+    rewrites = {}  # id(owner) -> {"path", "owner", "graph", "added": {attr: DQAReLU}, "changed"}
+    for site in sites:
+        if site["skip"]:
+            report.add(site["name"], site["kind"], site["owner_path"], "skipped", "by the skip option")
+            continue
+        node, graph = site["node"], site["graph"]
+        entry = rewrites.setdefault(id(site["owner"]), dict(path=site["owner_path"], owner=site["owner"],
+                                                            graph=graph, added={}, changed=False))
+        if site.get("swap"):
+            setattr(site["parent"], site["attr"], new())
+            how, out = "swapped in place", node
+            n_calls = len(calls[site["slot"]])
+            if n_calls > 1:
+                how += f" (call 1 of {n_calls})"
+        else:
+            attr = site["new_attr"]
+            entry["added"][attr] = new()
+            with graph.inserting_before(node):
+                out = graph.call_module(attr, (site["x"],))
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            entry["changed"] = True
+            how = (f"own module (call {calls[site['slot']].index(site) + 1} of {len(calls[site['slot']])} "
+                   "of a reused ReLU)" if "slot" in site else "functional call replaced")
+        for user in site["later"]:  # an inplace ReLU changed its input for these readers
+            user.replace_input_with(site["x"], out)
+            entry["changed"] = True
+        report.add(site["name"], site["kind"], site["owner_path"], "converted", how)
+
+    result = model
+    for entry in sorted(rewrites.values(), key=lambda e: -(e["path"].count(".") + 1 if e["path"] else 0)):
+        if not entry["changed"]:
+            continue
+        owner = entry["owner"]
+        entry["graph"].lint()
+        gm = _graph_module(owner, entry["graph"], entry["added"], graph_constants[id(owner)])
+        report.rewritten.append(entry["path"])
+        if owner is model:
+            result = gm
+        for parent, attr in slots.get(id(owner), []):
+            parent._modules[attr] = gm
+
+    # 4. Forwards that did not trace keep their code: their ReLU modules are swapped.
+    for path, owner, why in untraced:
+        lines = _functional_lines(owner)
+        for attr, child in list(owner._modules.items()):
             if isinstance(child, nn.ReLU):
-                module._modules[name] = replacement(child)
-            elif child is not None:
-                stack.append(child)
-    return model
+                name = _join(path, attr)
+                if skipped(Site(name, "nn.ReLU", path, "", "")):
+                    report.add(name, "nn.ReLU", path, "skipped", "by the skip option")
+                    continue
+                owner._modules[attr] = new()
+                report.add(name, "nn.ReLU", path, "converted",
+                           "swapped in place (forward not traced: a reuse of it cannot be seen)")
+        where = f"at lines {lines} of {type(owner).__qualname__}.forward" if lines else "none found in its source"
+        if lines is None:
+            where = "its source is not available"
+        report.add(path, "forward", path, "left",
+                   f"not traced ({why}); functional ReLU calls there are not converted ({where})")
+
+    # 5. Forwards that read self.training keep their code: the ReLU modules they call (in either
+    # mode) are swapped, their functional ReLU calls are left.
+    why = "forward reads self.training: its train and eval traces differ, so it is not rewritten"
+    for path, owner, graphs in by_mode:
+        relus, functional = {}, {}
+        for graph in graphs:
+            per_graph = {}
+            for node in graph.nodes:
+                if node.op == "call_module" and isinstance(owner.get_submodule(node.target), nn.ReLU):
+                    per_graph[node.target] = per_graph.get(node.target, 0) + 1
+                elif node.op == "call_function" and node.target in _FUNCTIONS:
+                    functional.setdefault(node.name, _FUNCTIONS[node.target])
+                elif node.op == "call_method" and node.target in _METHODS:
+                    functional.setdefault(node.name, _METHODS[node.target])
+            for target, n in per_graph.items():
+                relus[target] = max(n, relus.get(target, 0))
+        for target, n in relus.items():
+            parent_path, _, attr = target.rpartition(".")
+            parent = owner.get_submodule(parent_path)
+            child, name = parent._modules[attr], _join(path, target)
+            called.add(id(child))
+            if skipped(Site(name, "nn.ReLU", path, "", "")):
+                report.add(name, "nn.ReLU", path, "skipped", "by the skip option")
+                continue
+            parent._modules[attr] = new()
+            report.add(name, "nn.ReLU", path, "converted", f"swapped in place ({why}"
+                       + (f"; its {n} calls share it)" if n > 1 else ")"))
+        for node_name, kind in functional.items():
+            report.add(_join(path, node_name), kind, path, "left", f"{why}; this call is not converted")
+
+    # 6. ReLU modules no traced forward calls: swapped if an untraced forward may call them.
+    for path, module in list(result.named_modules()):
+        for attr, child in list(module._modules.items()):
+            if isinstance(child, nn.ReLU):
+                name = _join(path, attr)
+                if id(child) in called:  # called by a traced forward: handled above
+                    continue
+                if untraced and not skipped(Site(name, "nn.ReLU", path, "", "")):
+                    module._modules[attr] = new()
+                    report.add(name, "nn.ReLU", path, "converted",
+                               "swapped in place (not called by a traced forward; an untraced one may)")
+                elif not untraced:
+                    report.add(name, "nn.ReLU", path, "left", "never called by forward")
+    return _finish(result, report, verbose, return_report)
+
+
+def _finish(model, report, verbose, return_report):
+    if verbose:
+        print(report)
+    elif report.left:
+        warnings.warn(f"dqa_ext.convert left {len(report.left)} site(s) unconverted: "
+                      + "; ".join(f"{s.name or '<root>'}: {s.how}" for s in report.left[:3])
+                      + " (convert(..., verbose=True) prints the full report)", stacklevel=3)
+    return (model, report) if return_report else model

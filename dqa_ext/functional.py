@@ -9,13 +9,24 @@ from . import _backend, reference
 def fake_quantize(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0):
     """y = clamp(round_half_even(x / step), qmin, qmax) * step, differentiable in x and step.
 
-    step: float32, one element (per-tensor) or x.shape[channel_dim] elements (per-channel).
+    step: float32, one element (per-tensor: channel_dim is then ignored) or x.shape[channel_dim]
+    elements (per-channel). qmin, qmax: integers (Python or numpy).
     Backward: straight-through dx inside (qmin, qmax); LSQ's step gradient times grad_scale.
     """
     reference.check_level_types(qmin, qmax)
-    if _backend.use_extension(x.device.type):
+    qmin, qmax = int(qmin), int(qmax)  # numpy integers as Python ints, as the op schema takes
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and not -x.dim() <= channel_dim < x.dim() \
+            and isinstance(step, torch.Tensor) and step.numel() == 1:
+        channel_dim = 0  # a per-tensor step has no channel axis: any channel_dim will do
+    if _backend.use_extension(x.device.type) and not _in_functorch_transform():
         return torch.ops.dqa_ext.fake_quantize(x, step, qmin, qmax, channel_dim, float(grad_scale))
     return reference.fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale)
+
+
+def _in_functorch_transform():
+    """torch.func (grad, vmap, jacrev...) runs the reference: the same math, as autograd.Function
+    with setup_context, which functorch supports (the op's registered autograd it does not)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def check_bits(bits):

@@ -1,6 +1,7 @@
 """DQAReLU: a drop-in replacement for nn.ReLU that quantizes its output onto 2**bits levels."""
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -9,15 +10,46 @@ from . import reference
 from .functional import check_bits, quantized_relu
 
 _MODES = ("dynamic", "fixed")
+_Lazy = nn.parameter.UninitializedTensorMixin
 
 
-def _average_across_ranks(t):
-    """Under torch.distributed, every rank initialises from the mean of all ranks' first batches,
-    so the steps agree even when the module is initialised inside DDP."""
+class _LazyStepBuffer(nn.UninitializedBuffer):
+    """A fixed-mode lazy step; unlike torch's UninitializedBuffer it survives copy.deepcopy."""
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            memo[id(self)] = type(self)(self.requires_grad, self.data.device, torch.float32)
+        return memo[id(self)]
+
+
+def _lazy_like(lazy, device):
+    """A fresh uninitialised step of lazy's kind on device, float32."""
+    return type(lazy)(requires_grad=lazy.requires_grad, device=device, dtype=torch.float32)
+
+
+def _where(prefix):
+    return f"DQAReLU {prefix[:-1]!r}" if prefix else "DQAReLU"
+
+
+def _warn_if_distributed():
+    """A step made before the first forward (num_channels given) can already be in a DDP model,
+    and DDP never re-syncs parameters: a first forward under DDP gives each rank its own step.
+    Warns without any collective (a forward on one rank must not wait for the others)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
+        warnings.warn("DQAReLU: a step initialised by a first forward under torch.distributed comes from "
+                      "this rank's own batch, and DDP does not re-sync parameters after wrapping: call "
+                      "dqa_ext.calibrate(model, batches) on every rank, or run the first forward before "
+                      "wrapping the model in DDP", stacklevel=2)
+
+
+def _step_applied(fn, t):
+    """fn (a Module._apply function: .to, .cuda, .half, to_empty...) applied to a step, which keeps
+    float32 whatever the model is cast to: small learned-step updates must not vanish in half."""
+    out = fn(t)
+    if out.dtype != torch.float32:
+        out = t.to(device=out.device)
+    return out
 
 
 class DQAReLU(nn.Module):
@@ -30,18 +62,24 @@ class DQAReLU(nn.Module):
     Args:
         bits: 1..8.
         mode: "dynamic": s is an nn.Parameter, initialised from the first batch with LSQ's
-            2*mean(|x|)/sqrt(qmax) per channel unless init_step is given; "fixed": s is a buffer,
-            default 1/qmax (outputs in [0, 1]).
-        num_channels: the size of x along channel_dim; None infers it at the first forward
-            (then run one forward before creating the optimizer, wrapping in DDP, or compiling
-            with fullgraph=True).
+            2*mean(|x|)/sqrt(qmax) per channel (over the finite elements) unless init_step is
+            given; "fixed": s is a buffer, default 1/qmax (outputs in [0, 1]).
+        num_channels: the size of x along channel_dim; None infers it at the first forward, or
+            at load_state_dict (then run one forward, dqa_ext.calibrate or load_state_dict before
+            creating the optimizer, wrapping in DDP, or compiling with fullgraph=True).
         channel_dim: the channel axis of x (negative allowed).
         per_channel: one step per channel, or one for the whole tensor.
         init_step: a positive float to start s from, skipping the data-driven initialisation.
         grad_scale: "lsq" for 1/sqrt(M*qmax), M the elements per sample sharing one step, or a float.
         min_step: the smallest step used. A learned step is used as max(|s|, min_step), so
             it stays positive under any optimizer and its gradient only stops at exactly 0.
+
+    The step is always float32 (`.half()` and `.to(dtype)` move it but do not cast it). A lazy
+    step remembers where `.to()/.cuda()` sent it and is made there.
     """
+
+    _moved = False  # class defaults too: modules pickled whole by an older dqa_ext lack them
+    _calibration = None
 
     def __init__(self, bits=2, mode="dynamic", num_channels=None, channel_dim=1, per_channel=True,
                  init_step=None, grad_scale="lsq", min_step=1e-6):
@@ -68,12 +106,14 @@ class DQAReLU(nn.Module):
         self.min_step = float(min_step)
         # Fixed steps and given init_steps need no data; dynamic ones wait for the first batch.
         self.initialized = mode == "fixed" or init_step is not None
+        self._moved = False  # a lazy step moved by .to()/.cuda() is made there, else on x's device
+        self._calibration = None  # [sum |x|, count] while dqa_ext.calibrate runs
         n = num_channels if per_channel else 1
         if mode == "dynamic":
-            step = nn.UninitializedParameter() if n is None else nn.Parameter(self._start(n))
+            step = nn.UninitializedParameter(dtype=torch.float32) if n is None else nn.Parameter(self._start(n))
             self.register_parameter("step", step)
         else:
-            step = nn.UninitializedBuffer() if n is None else self._start(n)
+            step = _LazyStepBuffer(dtype=torch.float32) if n is None else self._start(n)
             self.register_buffer("step", step)
 
     def _start(self, n, device=None):
@@ -81,72 +121,200 @@ class DQAReLU(nn.Module):
         return torch.full((n,), float(value), dtype=torch.float32, device=device)
 
     @property
+    def is_lazy(self):
+        return isinstance(self.step, _Lazy)
+
+    @property
     def num_channels(self):
-        return None if isinstance(self.step, nn.parameter.UninitializedTensorMixin) else self.step.numel()
+        return None if self.is_lazy else self.step.numel()
+
+    @property
+    def effective_step(self):
+        """The step the forward uses (float32, detached): max(|step|, min_step) when learned;
+        None while the step is lazy."""
+        if self.is_lazy:
+            return None
+        step = self.step.detach().float()
+        return step.abs().clamp_min(self.min_step) if self.mode == "dynamic" else step.clone()
+
+    def freeze(self, frozen=True):
+        """Stops (or resumes) learning the step: the backward then skips the step reduction."""
+        if self.mode == "dynamic":
+            self.step.requires_grad_(not frozen)
+        return self
+
+    # --- initialisation ---
+
+    def _materialize(self, shape, device):
+        with torch.no_grad():
+            self.step.materialize(shape, device=device, dtype=torch.float32)
+            self.step.copy_(self._start(self.step.numel(), device))
+
+    def _batch_stats(self, x, dim):
+        """(sum of |x|, count) over the finite elements, per channel or for the tensor, float64."""
+        a = x.detach().float().abs()
+        finite = torch.isfinite(a)
+        a = torch.where(finite, a, 0.0)
+        if self.per_channel:
+            return reference.sum_but(a, dim).double(), reference.sum_but(finite, dim).double()
+        return a.sum().reshape(1).double(), finite.sum().reshape(1).double()
+
+    def _set_step(self, total, count):
+        """LSQ's 2*mean(|x|)/sqrt(qmax); a channel without finite values leaves the step as it is."""
+        empty = (count == 0).nonzero().reshape(-1)
+        if empty.numel():
+            where = "the batch" if not self.per_channel else f"channel {int(empty[0])} of the batch"
+            warnings.warn(f"DQAReLU: {where} has no finite values (empty, NaN or inf): the step stays "
+                          "uninitialised and the next batch will initialise it", stacklevel=4)
+            return
+        mean_abs = (total / count).float()
+        self.step.copy_((2 * mean_abs / math.sqrt(self.qmax)).clamp_min(self.min_step).reshape(-1))
+        self.initialized = True
 
     def _initialize(self, x, dim):
         # inference_mode(False): a step made during an inference-mode forward must still train.
         with torch.inference_mode(False), torch.no_grad():
-            if isinstance(self.step, nn.parameter.UninitializedTensorMixin):
-                self.step.materialize((x.shape[dim] if self.per_channel else 1,), device=x.device,
-                                      dtype=torch.float32)
-                self.step.copy_(self._start(self.step.numel(), x.device))
-            if not self.initialized:
-                a = x.detach().float().abs()
-                mean_abs = reference.sum_but(a, dim) / (a.numel() // a.shape[dim]) if self.per_channel else a.mean()
-                _average_across_ranks(mean_abs)
-                self.step.copy_((2 * mean_abs / math.sqrt(self.qmax)).clamp_min(self.min_step).reshape(-1))
-                self.initialized = True
+            lazy = self.is_lazy
+            if lazy:
+                device = self.step.device if self._moved else x.device
+                self._materialize((x.shape[dim] if self.per_channel else 1,), device)
+            if self._calibration is not None:
+                self._observe(x, dim)
+            elif not self.initialized:
+                if not lazy:
+                    _warn_if_distributed()
+                self._set_step(*self._batch_stats(x, dim))
+
+    def _observe(self, x, dim):
+        """dqa_ext.calibrate: accumulate this batch's statistics (summed over ranks when
+        calibrate asked for it: every rank calls it) and set the step from all seen so far."""
+        total, count = self._batch_stats(x, dim)
+        both = torch.stack([total, count]).to(self.step.device)
+        if self._calibration["distributed"]:
+            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.SUM)
+        if self._calibration["stats"] is not None:
+            both += self._calibration["stats"]
+        self._calibration["stats"] = both
+        self._set_step(both[0], both[1])
 
     def _grad_scale(self, x, dim):
         if self.grad_scale != "lsq":
             return float(self.grad_scale)
         shared = x.numel() // max(1, self.step.numel())  # elements per step in this batch
-        batch = x.shape[0] if x.dim() > 1 and dim != 0 else 1
+        # A per-tensor step has no channel axis: the batch is dim 0 whatever channel_dim says.
+        batch = x.shape[0] if x.dim() > 1 and (dim != 0 or not self.per_channel) else 1
         per_sample = max(1, shared // max(1, batch))
         return 1.0 / math.sqrt(per_sample * self.qmax)
 
     def forward(self, x):
-        dim = reference.wrap_channel_dim(x, self.channel_dim)
-        if not self.initialized or isinstance(self.step, nn.parameter.UninitializedTensorMixin):
+        dim = self._channel_axis(x)
+        if not self.initialized or self.is_lazy or self._calibration is not None:
             self._initialize(x, dim)
         if self.per_channel and self.step.numel() != x.shape[dim]:
             raise ValueError(
                 f"DQAReLU: this module has {self.step.numel()} per-channel steps but got an input with "
                 f"{x.shape[dim]} channels along channel_dim={self.channel_dim}; a ReLU module reused at "
                 "places with different channel counts needs separate modules or per_channel=False")
-        step = self.step.float()  # the op takes a float32 step, also in a model cast to half
+        step = self.step.float()
         if self.mode == "dynamic":
             step = step.abs().clamp_min(self.min_step)
         return quantized_relu(x, step, self.bits, self.channel_dim, self._grad_scale(x, dim))
 
-    def _apply(self, fn, recurse=True):
-        # A lazy step has no data to move or cast (Module.to, .half(), memory formats); it is
-        # made on the input's device, in float32, at the first forward.
-        if not isinstance(self.step, nn.parameter.UninitializedTensorMixin):
-            return super()._apply(fn, recurse)
-        table = self._parameters if "step" in self._parameters else self._buffers
-        lazy = table.pop("step")
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            table["step"] = lazy
+    def _channel_axis(self, x):
+        if self.per_channel or -x.dim() <= self.channel_dim < x.dim():
+            return reference.wrap_channel_dim(x, self.channel_dim)
+        return 0  # a per-tensor step has no channel axis: any channel_dim will do
 
-    # The state_dict keeps whether the step was initialised, so a loaded model never re-initialises.
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: say in one line what works instead.
+        raise RuntimeError("dqa_ext: torch.jit.script does not support DQAReLU (its forward is Python with lazy "
+                           "state); use torch.jit.trace, torch.export.export or torch.onnx.export(dynamo=True)")
+
+    # --- devices, dtypes, copies and state_dict ---
+
+    def _apply(self, fn, recurse=True):
+        # The step is applied here, not by Module._apply: it stays float32 under casts, and a lazy
+        # step (no data) only records the device it is sent to.
+        table = self._parameters if "step" in self._parameters else self._buffers
+        step = table.pop("step")
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            table["step"] = step
+        with torch.no_grad():
+            if isinstance(step, _Lazy):
+                try:
+                    device = fn(torch.empty(0, device=step.device)).device
+                except NotImplementedError:  # a meta placeholder cannot be copied out: ask a CPU one
+                    device = fn(torch.empty(0)).device
+                table["step"] = _lazy_like(step, device)
+                self._moved = True
+            elif isinstance(step, nn.Parameter):
+                new = _step_applied(fn, step)
+                if torch._has_compatible_shallow_copy_type(step, new):
+                    step.data = new
+                else:
+                    table["step"] = step = nn.Parameter(new, step.requires_grad)
+                if step.grad is not None:
+                    step.grad = _step_applied(fn, step.grad)
+            else:
+                table["step"] = _step_applied(fn, step)
+        return out
+
     def get_extra_state(self):
-        return {"initialized": self.initialized}
+        # Whether the step was initialised (a loaded model never re-initialises) and its levels.
+        return {"initialized": self.initialized, "bits": self.bits}
 
     def set_extra_state(self, state):
         self.initialized = bool(state["initialized"])
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.is_lazy:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        # A lazy step is saved as it is, as torch's lazy modules do (nn.LazyLinear).
+        destination[prefix + "step"] = self.step
+        table = self._parameters if "step" in self._parameters else self._buffers
+        lazy = table.pop("step")
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            table["step"] = lazy
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         key = prefix + "step"
-        if key in state_dict and isinstance(self.step, nn.parameter.UninitializedTensorMixin):
-            with torch.no_grad():
-                self.step.materialize(state_dict[key].shape, dtype=torch.float32)
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict) and extra.get("bits", self.bits) != self.bits:
+            error_msgs.append(f"{_where(prefix)}: the state_dict is for bits={extra['bits']} "
+                              f"but this module has bits={self.bits} (build it with bits={extra['bits']})")
+            return
+        loaded = state_dict.get(key)
+        if isinstance(loaded, _Lazy):
+            if not self.is_lazy:
+                error_msgs.append(f"{_where(prefix)}: the state_dict's step was saved before its "
+                                  "first forward (uninitialised) but this module's step is initialised")
+                return
+            # Lazy into lazy: nothing to copy; only the extra state is loaded.
+            table = self._parameters if "step" in self._parameters else self._buffers
+            lazy = table.pop("step")
+            try:
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                              unexpected_keys, error_msgs)
+            finally:
+                table["step"] = lazy
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
+            return
+        if loaded is not None and self.is_lazy:
+            # Made where the module was moved to (or where a lazy step lives: the CPU by default).
+            self._materialize(loaded.shape, self.step.device)
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if loaded is not None and prefix + "_extra_state" not in state_dict and len(error_msgs) == errors:
+            # No extra state (an older or third-party state_dict): a loaded step is a real one,
+            # which a first forward must not overwrite.
+            self.initialized = True
 
     def extra_repr(self):
         channels = self.num_channels if self.per_channel else "per-tensor"

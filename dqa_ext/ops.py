@@ -33,7 +33,24 @@ def _backward(ctx, grad_y):
     need_step_grad = ctx.needs_input_grad[1]
     dx, dstep = torch.ops.dqa_ext.fake_quantize_backward(
         grad_y, x, step, qmin, qmax, channel_dim, grad_scale, need_step_grad)
-    return dx, (dstep if need_step_grad else None), None, None, None, None
+    dx, dstep = _no_second_derivative(dx, dstep if need_step_grad else None)
+    return dx, dstep, None, None, None, None
+
+
+_NO_DOUBLE_BACKWARD = (b"dqa_ext: the extension's fake_quantize backward is not differentiable, so double "
+                       b"backward (create_graph=True, gradient penalties, hessians) is not supported on it; "
+                       b"DQA_EXT_BACKEND=reference (dqa_ext.set_backend('reference')) computes it in plain PyTorch")
+
+
+def _no_second_derivative(*grads):
+    """The backward's results, raising a clear error if differentiated again (under create_graph=True)
+    instead of silently dropping the second-order terms, as torch's once_differentiable does."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    keep = [g for g in grads if g is not None]
+    err = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(keep))
+    raised = iter(err(*[g.detach().requires_grad_() for g in keep]))
+    return tuple(None if g is None else next(raised) for g in grads)
 
 
 torch.library.register_autograd("dqa_ext::fake_quantize", _backward, setup_context=_setup_context)

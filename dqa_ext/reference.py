@@ -10,6 +10,7 @@ parity tests.
 """
 
 import math
+import numbers
 
 import torch
 
@@ -48,9 +49,10 @@ def check_args(x, step, qmin, qmax, channel_dim):
 
 
 def check_level_types(qmin, qmax):
-    """qmin and qmax are integers (the op schema's `int`); a float would be truncated."""
+    """qmin and qmax are integers (the op schema's `int`; numpy integers too); a float would be
+    truncated."""
     for name, value in (("qmin", qmin), ("qmax", qmax)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Integral):
             raise TypeError(f"dqa_ext: {name} must be an integer, got {value!r}")
 
 
@@ -177,6 +179,8 @@ class _FakeQuantize(torch.autograd.Function):
         qmin, qmax, channel_dim, grad_scale = ctx.args
         dx, dstep = fake_quantize_backward(grad_y, x, step, qmin, qmax, channel_dim, grad_scale,
                                            ctx.needs_input_grad[1])
+        # Under create_graph=True these plain-PyTorch formulas are differentiated again (double
+        # backward of the straight-through surrogate); the extension's kernels refuse that instead.
         return dx, (dstep if ctx.needs_input_grad[1] else None), None, None, None, None
 
 

@@ -58,6 +58,8 @@ def test_train_attack_report(tmp_path, capsys):
     assert main(["train", "--act", "dqa2", "--adv", "--pgd-steps", "2", "--out", ckpt] + tiny) == 0
     assert main(["train", "--act", "dqa2", "--adv", "--pgd-steps", "2", "--out", ckpt, "--resume"]
                 + tiny[:-1] + ["2"]) == 0
+    # a second plain run would overwrite the finished checkpoint: refused without --force
+    assert main(["train", "--act", "dqa2", "--adv", "--pgd-steps", "2", "--out", ckpt] + tiny) == 2
     out = tmp_path / "rep"
     assert main(["attack", ckpt, "--attacks", "fgsm,pgd,pgd_zero", "--n", "40", "--budget", "pgd_steps=3",
                  "--budget", "sweep_n=20", "--sweep-eps", "0,0.3", "--out", str(out)]) == 0
@@ -75,8 +77,13 @@ def test_reproduce_smoke_preset(tmp_path):
     assert main(["reproduce", "--preset", "smoke", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert [m["name"] for m in res["models"]] == ["relu-standard", "relu-pgd", "dqa2-standard", "dqa2-pgd"]
-    assert set(res["models"][0]["eval"]["attacks"]) == {"fgsm", "pgd", "apgd", "cw", "zoo", "square",
-                                                        "substitute", "pgd_zero"}
+    relu, dqa = res["models"][0]["eval"], res["models"][3]["eval"]
+    assert set(relu["paper"]) == {"fgsm", "pgd", "cw", "zoo", "substitute", "pgd_zero"}
+    assert set(relu["cascade"]) == {"apgd_ce", "apgd_t", "square", "transfer", "rerun_2x"}  # no quantizers: no twins
+    assert set(dqa["cascade"]) == set(relu["cascade"]) | {"twin_clip", "twin_sig_low", "twin_sig_high", "bpda_sig",
+                                                          "rerun_2x_quant"}
+    assert dqa["cascade"]["transfer"]["sources"] == ["relu-standard", "relu-pgd", "dqa2-standard"]
+    assert "Robust accuracy under adaptive attack" in (tmp_path / "report.md").read_text()
     for f in ("report.md", "acc_vs_eps.png", "steps.png"):
         assert (tmp_path / f).is_file()
     assert res["command"] == f"dqa reproduce --preset smoke --out {tmp_path}"

@@ -116,7 +116,7 @@ def test_state_dict_round_trip_and_lazy_load():
     m = dqa_ext.DQAReLU(bits=2)
     m(torch.randn(4, 5, 3, 3))
     sd = m.state_dict()
-    assert set(sd) == {"step", "_extra_state"} and sd["_extra_state"] == {"initialized": True}
+    assert set(sd) == {"step", "_extra_state"} and sd["_extra_state"] == {"initialized": True, "bits": 2}
     fresh = dqa_ext.DQAReLU(bits=2)  # lazy, not initialised
     fresh.load_state_dict(sd)
     assert fresh.initialized and torch.equal(fresh.step, m.step)
@@ -188,13 +188,12 @@ def test_backend_info():
     assert {"cuda_kernels", "extension_loaded", "backend"} <= set(info)
 
 
-def test_convert_shared_and_container_relus():
+def test_convert_splits_a_relu_shared_by_two_sequential_slots():
     shared = nn.ReLU()
-    model = nn.Sequential(nn.Linear(4, 4), shared, nn.Linear(4, 4), shared,
-                          nn.ModuleList([nn.ReLU()]), nn.ModuleDict({"a-b": nn.ReLU()}))
-    dqa_ext.convert(model, bits=2)
-    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
-    assert model[1] is model[3] and isinstance(model[1], dqa_ext.DQAReLU)
+    model = nn.Sequential(nn.Linear(4, 4), shared, nn.Linear(4, 4), shared)
+    assert dqa_ext.convert(model, bits=2) is model and type(model) is nn.Sequential
+    assert isinstance(model[1], dqa_ext.DQAReLU) and isinstance(model[3], dqa_ext.DQAReLU)
+    assert model[1] is not model[3]  # two call sites: two sets of steps
 
 
 def test_reused_module_with_other_channel_count_gets_clear_error():
@@ -210,7 +209,8 @@ def test_lazy_module_survives_to_and_casts():
     y = model(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last))
     assert model[1].step.dtype == torch.float32 and model[1].num_channels == 4
     assert y.is_contiguous(memory_format=torch.channels_last)
-    model.to(torch.bfloat16)  # an initialised step is cast like any parameter; forward still works
+    model.to(torch.bfloat16)  # the weights are cast; the step stays float32
+    assert model[1].step.dtype == torch.float32
     assert model(torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
@@ -238,37 +238,335 @@ def test_qmin_qmax_must_be_integers():
         dqa_ext.functional.fake_quantize(torch.ones(3), torch.ones(1), 0, 3.5, 0)
 
 
-def _ddp_init_worker(rank, port, queue):
-    import os
+# --- the first batch (issue 8): only finite values of a non-empty batch initialise the step ---
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        m = dqa_ext.DQAReLU(bits=2, num_channels=3)  # initialised at its first forward
-        torch.manual_seed(rank)
-        m(torch.randn(4, 3, 5, 5) * (rank + 1))
-        queue.put((rank, m.step.detach().clone()))
-    finally:
-        torch.distributed.destroy_process_group()
+@pytest.mark.parametrize("bad", ["empty", "nan", "inf", "mixed"])
+def test_batch_without_finite_values_leaves_step_uninitialised(bad):
+    x = {"empty": torch.empty(0, 3, 4, 4), "nan": torch.full((2, 3, 4, 4), math.nan),
+         "inf": torch.full((2, 3, 4, 4), math.inf),
+         "mixed": torch.tensor([math.nan, math.inf, -math.inf]).repeat(2, 3, 2, 1)[..., :2]}[bad]
+    m = dqa_ext.DQAReLU(bits=2)
+    with pytest.warns(UserWarning, match="has no finite values .* the step stays uninitialised"):
+        m(x)
+    assert not m.initialized and m.num_channels == 3
+    assert torch.equal(m.step.detach(), torch.full((3,), 1 / 3))  # the default, usable, finite
+    good = torch.randn(4, 3, 5, 5)
+    m(good)  # the next good batch initialises it
+    assert m.initialized
+    torch.testing.assert_close(m.step.detach(), 2 * good.abs().mean(dim=(0, 2, 3)) / math.sqrt(3))
 
 
-def test_initialisation_agrees_across_ranks():
-    """Under torch.distributed the first-batch statistics are averaged over ranks, so every
-    rank starts from the same steps even when initialisation happens inside DDP."""
-    import socket
+def test_one_channel_without_finite_values_leaves_module_uninitialised():
+    x = torch.randn(2, 3, 4, 4)
+    x[:, 1] = math.nan
+    m = dqa_ext.DQAReLU(bits=2)
+    with pytest.warns(UserWarning, match="channel 1 of the batch has no finite values"):
+        m(x)
+    assert not m.initialized and torch.isfinite(m.step).all()
 
-    import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_init_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    assert torch.equal(results[0], results[1])
+def test_nan_and_inf_elements_are_left_out_of_the_mean():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    poisoned = x.clone()
+    poisoned[0, :, 0, 0] = math.nan
+    poisoned[1, :, 1, 1] = math.inf
+    poisoned[2, :, 2, 2] = -math.inf
+    keep = torch.isfinite(poisoned)
+    m = dqa_ext.DQAReLU(bits=3)
+    m(poisoned)
+    expected = torch.stack([x[:, c][keep[:, c]].abs().mean() for c in range(3)]) * 2 / math.sqrt(7)
+    assert m.initialized
+    torch.testing.assert_close(m.step.detach(), expected)
+    t = dqa_ext.DQAReLU(bits=3, per_channel=False)
+    t(poisoned)
+    torch.testing.assert_close(t.step.detach(), (2 * x[keep].abs().mean() / math.sqrt(7)).reshape(1))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "fixed"])
+def test_lazy_module_state_dict_parameters_and_deepcopy_before_forward(mode):
+    import copy
+
+    model = nn.Sequential(nn.Linear(4, 5), dqa_ext.DQAReLU(bits=2, mode=mode, channel_dim=-1))
+    sd = model.state_dict()  # as nn.LazyLinear: the lazy step is in it, uninitialised
+    assert set(sd) == {"0.weight", "0.bias", "1.step", "1._extra_state"}
+    assert nn.parameter.is_lazy(sd["1.step"]) and sd["1._extra_state"]["initialized"] == (mode == "fixed")
+    params = list(model.parameters())
+    assert len(params) == (3 if mode == "dynamic" else 2)
+    assert sum(p.numel() for p in params if not nn.parameter.is_lazy(p)) == 4 * 5 + 5
+    twin = copy.deepcopy(model)
+    assert twin[1].step is not model[1].step and twin[1].is_lazy
+    twin(torch.randn(2, 4))
+    assert not twin[1].is_lazy and model[1].is_lazy  # the copy materialised alone
+    fresh = nn.Sequential(nn.Linear(4, 5), dqa_ext.DQAReLU(bits=2, mode=mode, channel_dim=-1))
+    fresh.load_state_dict(sd)  # lazy into lazy: stays lazy
+    assert fresh[1].is_lazy
+    fresh.load_state_dict(twin.state_dict())  # a materialised step into a lazy module
+    assert torch.equal(fresh[1].step, twin[1].step)
+    with pytest.raises(RuntimeError, match="saved before its first forward .* this module's step is initialised"):
+        fresh.load_state_dict(sd)
+
+
+# --- devices and dtypes (issue 12): a lazy step remembers .to(); the step stays float32 ---
+
+def test_lazy_step_remembers_the_device_it_was_moved_to():
+    src = dqa_ext.DQAReLU(bits=2)
+    src(torch.randn(2, 3, 4, 4))
+    m = dqa_ext.DQAReLU(bits=2).to("meta")  # .to() before load_state_dict
+    assert m.is_lazy and m.step.device.type == "meta"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: copying into a meta tensor is a no-op
+        m.load_state_dict(src.state_dict())
+    assert m.step.device.type == "meta" and m.step.shape == (3,) and m.step.dtype == torch.float32
+    back = dqa_ext.DQAReLU(bits=2).to("meta").to(torch.float64).cpu()  # cast while lazy: still float32
+    y = back(torch.randn(2, 3, 4, 4))
+    assert back.step.device.type == "cpu" and back.step.dtype == torch.float32 and y.dtype == torch.float32
+    fixed = dqa_ext.DQAReLU(bits=2, mode="fixed").to("meta")
+    assert fixed.step.device.type == "meta" and fixed.is_lazy
+
+
+@pytest.mark.parametrize("order", ["to-load-forward", "load-to-forward", "to-forward"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_to_before_or_after_load_state_dict(order, device):
+    torch.manual_seed(0)
+    src = dqa_ext.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), bits=2)
+    src(torch.randn(2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8, device=device)
+    model = dqa_ext.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), bits=2)
+    if order == "to-load-forward":
+        model.to(device).load_state_dict(src.state_dict())
+    elif order == "load-to-forward":
+        model.load_state_dict(src.state_dict())
+        model.to(device)
+    else:
+        model.to(device)
+    y = model(x)
+    assert model[1].step.device == x.device and y.device == x.device
+    if order != "to-forward":
+        assert torch.equal(model[1].step.cpu(), src[1].step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_step_stays_float32_under_model_casts(dtype):
+    m = nn.Sequential(nn.Linear(4, 3), dqa_ext.DQAReLU(bits=2, num_channels=3, channel_dim=-1, init_step=0.5))
+    step = m[1].step
+    m[1](torch.randn(2, 3)).sum().backward()
+    m.to(dtype)
+    assert m[1].step is step and step.dtype == torch.float32 and step.grad.dtype == torch.float32
+    assert m[0].weight.dtype == dtype
+    with torch.no_grad():
+        step += 1e-5  # an LSQ-sized update: lost if the step were cast to a 16-bit type
+    assert (step - 0.5).min().item() > 0
+    if dtype != torch.float64:  # x is float32, float16 or bfloat16
+        assert m(torch.randn(2, 4, dtype=dtype)).dtype == dtype
+
+
+# --- calibrate and freeze (issue 12): the explicit way to initialise; no hidden collectives ---
+
+def test_first_forward_calls_no_collective(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the first forward called torch.distributed.all_reduce")
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", refuse)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    m = dqa_ext.DQAReLU(bits=2)
+    m(torch.randn(2, 3, 4, 4))
+    assert m.initialized
+
+
+def test_calibrate_sets_steps_from_all_batches_and_restores_the_mode():
+    from dqa_ext.calibrate import calibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3),
+                          dqa_ext.DQAReLU(bits=3, init_step=0.25, num_channels=2))
+    dqa_ext.convert(model, bits=2)
+    batches = [torch.randn(3, 3, 8, 8), torch.randn(5, 3, 8, 8) * 3]
+    running = model[1].running_mean.clone()
+    assert calibrate(model, batches, distributed=False) is model
+    assert model.training and torch.equal(model[1].running_mean, running)  # ran in eval mode
+    model.eval()
+    with torch.no_grad():
+        h = torch.cat([model[1](model[0](b)) for b in batches])
+    expected = 2 * h.abs().mean(dim=(0, 2, 3)) / math.sqrt(3)
+    torch.testing.assert_close(model[2].step.detach(), expected)
+    assert model[2].initialized and torch.equal(model[4].step, torch.full((2,), 0.25))  # init_step kept
+    with pytest.raises(ValueError, match="batches must hold at least one batch"):
+        calibrate(model, [])
+    with pytest.raises(TypeError, match="batches must be an iterable of batches"):
+        calibrate(model, torch.randn(2, 3, 8, 8))
+
+
+def test_effective_step_and_freeze():
+    from dqa_ext.calibrate import freeze_steps
+
+    m = dqa_ext.DQAReLU(bits=2, num_channels=3, init_step=0.5, min_step=0.01)
+    with torch.no_grad():
+        m.step.copy_(torch.tensor([-0.4, 0.0, 0.3]))
+    assert torch.equal(m.effective_step, torch.tensor([0.4, 0.01, 0.3]))
+    assert dqa_ext.DQAReLU(bits=2).effective_step is None
+    assert torch.equal(dqa_ext.DQAReLU(bits=2, mode="fixed", num_channels=2).effective_step, torch.full((2,), 1 / 3))
+    model = nn.Sequential(m)
+    freeze_steps(model)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    model(x).sum().backward()
+    assert m.step.grad is None and x.grad is not None
+    freeze_steps(model, frozen=False)
+    model(x).sum().backward()
+    assert m.step.grad is not None
+
+
+# --- small items of issue 12 ---
+
+def test_state_dict_of_other_bits_is_refused():
+    src = dqa_ext.DQAReLU(bits=2, num_channels=3, init_step=0.5)
+    for target in (dqa_ext.DQAReLU(bits=3, num_channels=3), dqa_ext.DQAReLU(bits=3)):
+        with pytest.raises(RuntimeError, match="state_dict is for bits=2 but this module has bits=3"):
+            target.load_state_dict(src.state_dict())
+    model = nn.Sequential(nn.Linear(2, 3), dqa_ext.DQAReLU(bits=3, channel_dim=-1))
+    src_model = nn.Sequential(nn.Linear(2, 3), dqa_ext.DQAReLU(bits=2, channel_dim=-1, num_channels=3))
+    with pytest.raises(RuntimeError, match="DQAReLU '1': the state_dict is for bits=2"):
+        model.load_state_dict(src_model.state_dict(), strict=False)
+    old = {"step": torch.full((3,), 0.5), "_extra_state": {"initialized": True}}  # saved before bits was kept
+    dqa_ext.DQAReLU(bits=3).load_state_dict(old)
+
+
+def test_numpy_integer_levels():
+    import numpy as np
+
+    x, s = torch.randn(2, 3, 4), torch.rand(3) + 0.1
+    expected = dqa_ext.functional.fake_quantize(x, s, 0, 3)
+    for qmin, qmax in ((np.int64(0), np.int64(3)), (np.int32(0), np.uint8(3))):
+        assert torch.equal(dqa_ext.functional.fake_quantize(x, s, qmin, qmax), expected)
+    with pytest.raises(TypeError, match="qmin must be an integer, got"):
+        dqa_ext.functional.fake_quantize(x, s, np.float32(0), 3)
+    with pytest.raises(TypeError, match="qmax must be an integer, got"):
+        dqa_ext.functional.fake_quantize(x, s, 0, np.bool_(True))
+
+
+@pytest.mark.parametrize("name", ["extension", "reference"])
+def test_per_tensor_step_ignores_channel_dim(name, backend):
+    if name == "extension":
+        needs_extension("cpu")
+    backend(name)
+    x, s = torch.randn(10), torch.tensor([0.3])
+    y = dqa_ext.functional.fake_quantize(x, s, 0, 3)  # channel_dim=1 on a 1-D x
+    bitwise_equal(y, reference.fake_quantize_forward(x, s, 0, 3, 0))
+    m = dqa_ext.DQAReLU(bits=2, per_channel=False)
+    bitwise_equal(m(x), reference.fake_quantize_forward(x, m.step.detach(), 0, 3, 0))
+    with pytest.raises(RuntimeError, match="channel_dim must be in"):  # a per-channel step still checks
+        dqa_ext.functional.fake_quantize(x, torch.rand(10) + 0.1, 0, 3, channel_dim=1)
+
+
+def test_double_backward_is_refused_by_the_kernels_and_computed_by_the_reference(backend):
+    needs_extension("cpu")
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    step = torch.full((3,), 0.5, requires_grad=True)
+    backend("extension")
+    y = dqa_ext.functional.fake_quantize(x, step, 0, 3)
+    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="backward is not differentiable, so double backward"):
+        gx.sum().backward()
+    torch.autograd.grad(y.sum(), x)  # first order as usual
+    backend("reference")
+    y = dqa_ext.functional.fake_quantize(x, step, 0, 3)
+    (gx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.sum(), x)
+    v = x.detach() / 0.5
+    inside = (v > 0) & (v < 3)
+    torch.testing.assert_close(ggx, 2 * inside.float())  # d/dx of 2*y*mask: 2*mask*mask
+
+
+def test_torch_func_grad_matches_autograd():
+    m = dqa_ext.DQAReLU(bits=2, num_channels=3, init_step=0.5)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    m(x).sum().backward()
+    g = torch.func.grad(lambda t: m(t).sum())(x.detach())
+    bitwise_equal(g, x.grad)
+
+
+# --- review fixes: DDP warning, old state_dicts, per-tensor grad scale, calibrate on failure ---
+
+def _fake_two_ranks(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the first forward called a torch.distributed collective")
+
+    for name in ("all_reduce", "broadcast", "all_gather", "barrier"):
+        monkeypatch.setattr(torch.distributed, name, refuse)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+
+
+def test_first_forward_of_a_made_step_under_distributed_warns_once(monkeypatch):
+    _fake_two_ranks(monkeypatch)
+    x = torch.randn(2, 3, 4, 4)
+    m = dqa_ext.DQAReLU(bits=2, num_channels=3)  # made at construction: DDP may already hold it
+    with pytest.warns(UserWarning, match="call dqa_ext.calibrate.*or run the first forward before wrapping") as got:
+        m(x)
+        m(x)
+    assert m.initialized and sum("DDP does not re-sync" in str(w.message) for w in got) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dqa_ext.DQAReLU(bits=2)(x)  # lazy: DDP refuses it until a forward has made it
+        dqa_ext.DQAReLU(bits=2, num_channels=3, init_step=0.5)(x)  # no data-driven step
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)
+        dqa_ext.DQAReLU(bits=2, num_channels=3)(x)
+
+
+@pytest.mark.parametrize("num_channels", [3, None])
+def test_state_dict_without_extra_state_keeps_the_loaded_step(num_channels):
+    m = dqa_ext.DQAReLU(bits=2, num_channels=num_channels)
+    result = m.load_state_dict({"step": torch.full((3,), 0.5)}, strict=False)  # older / third-party
+    assert result.missing_keys == ["_extra_state"] and m.initialized
+    m(torch.randn(4, 3, 5, 5) * 7)
+    assert torch.equal(m.step.detach(), torch.full((3,), 0.5))
+
+
+def test_per_tensor_grad_scale_ignores_channel_dim():
+    x = torch.randn(4, 3, 6, 5)
+    expected = 1 / math.sqrt(3 * 6 * 5 * 3)  # elements per sample sharing the one step, times qmax
+    grads = []
+    for channel_dim in (1, 0, -1, 7, -9):
+        m = dqa_ext.DQAReLU(bits=2, per_channel=False, init_step=0.5, channel_dim=channel_dim)
+        assert m._grad_scale(x, m._channel_axis(x)) == pytest.approx(expected)
+        m(x).sum().backward()
+        grads.append(m.step.grad)
+    assert all(torch.equal(g, grads[0]) for g in grads)
+
+
+class TrainOnlyTail(nn.Module):
+    """Its second activation runs in train mode only: calibrate (eval mode) never reaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = dqa_ext.DQAReLU(bits=2, num_channels=3)
+        self.b = dqa_ext.DQAReLU(bits=2, num_channels=3)
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.b(x) if self.training else x
+
+
+def test_calibrate_that_fails_leaves_every_step_and_flag_as_it_was():
+    from dqa_ext.calibrate import calibrate
+
+    torch.manual_seed(0)
+    model = TrainOnlyTail()
+    model(torch.randn(4, 3, 5, 5))
+    before = [m.step.detach().clone() for m in (model.a, model.b)]
+
+    def batches():
+        yield torch.randn(4, 3, 5, 5) * 10
+        yield "not a batch"
+
+    with pytest.raises(TypeError, match="each batch must be a tensor"):
+        calibrate(model, batches(), distributed=False)
+    with pytest.raises(RuntimeError, match="1 DQAReLU step.* b; every step was left as it was"):
+        calibrate(model, [torch.randn(4, 3, 5, 5) * 10], distributed=False)
+    with pytest.raises(ValueError, match="at least one batch"):
+        calibrate(model, [], distributed=False)
+    assert model.a.initialized and model.b.initialized and model.training
+    model(torch.randn(4, 3, 5, 5) * 10)  # a plain forward does not re-initialise
+    for m, step in zip((model.a, model.b), before):
+        assert torch.equal(m.step.detach(), step)

@@ -1,18 +1,32 @@
-"""Each attack lowers an undefended model's accuracy on the embedded data; the true-gradient mode
-shows gradient masking on a DQA model; the substitute attack and the public API run end to end."""
+"""The attack suite: each attack lowers an undefended model's accuracy; the twin attack beats a
+straight-through gradient that points the wrong way; the convergence check fires on an
+under-budgeted run; the worst case is the per-example intersection; our APGD and Square hold their
+own against ART's; the paper's attacks and the substitute still run."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from dqa_ext.robust.attacks import AttackError, Budget, TrueGradient, evaluate, run_attack, true_gradient
+import dqa_ext
+from dqa_ext.robust.attacks import AttackError, Budget, TrueGradient, evaluate, evaluate_model, run_attack, true_gradient
+from dqa_ext.robust.attacks.adaptive import Variant, quantizers_as, surrogate
+from dqa_ext.robust.attacks.common import example_uniform, input_gradients_only
+from dqa_ext.robust.attacks.scorebased import square_linf
+from dqa_ext.robust.attacks.suite import run_cascade_attack, worst_case
+from dqa_ext.robust.attacks.transfer import transfer_candidates
+from dqa_ext.robust.attacks.whitebox import apgd
 from dqa_ext.robust.data import load_mnist5k
 from dqa_ext.robust.models import dqa_modules
+from dqa_ext.robust.report import masking_flags
 from dqa_ext.robust.substitute import train_substitute
 from dqa_ext.robust.train import TrainConfig, train
 
 ARCH = {"channels": [16, 32], "hidden": 64, "kernel": 3}
-FAST = Budget(n=200, pgd_steps=10, apgd_steps=10, cw_n=20, cw_steps=30, cw_search=3, zoo_n=3, zoo_steps=20,
-              zoo_parallel=128, square_queries=100, sub_seeds=150, sub_rounds=3, sub_epochs=5, sweep_n=50)
+FAST = Budget(n=100, apgd_steps=20, apgd_restarts=1, apgd_t_targets=3, square_queries=300, twin_steps=20,
+              twin_targets=2, transfer_steps=10, sweep_n=40, sweep_steps=10, pgd_steps=10, cw_n=20, cw_steps=30,
+              cw_search=3, zoo_n=3, zoo_steps=20, sub_seeds=150, sub_rounds=3, sub_epochs=5)
+EPS = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -36,51 +50,229 @@ def dqa_model(mnist, tmp_path_factory):
     return _trained(mnist, tmp_path_factory, "dqa2")
 
 
-def _attack(name, model, mnist, n, **kw):
-    return run_attack(name, model, mnist.x_test[:n], mnist.y_test[:n], 0.3, FAST,
-                      x_seed=mnist.x_test[-FAST.sub_seeds:], **kw)
+def _xy(mnist, n):
+    return mnist.x_test[:n], mnist.y_test[:n]
 
 
 def _clean(model, mnist, n):
+    x, y = _xy(mnist, n)
     with torch.no_grad():
-        return (model(mnist.x_test[:n]).argmax(1) == mnist.y_test[:n]).float().mean().item()
+        return (model(x).argmax(1) == y).float().mean().item()
 
 
-def test_pgd_drives_an_undefended_cnn_under_ten_percent(relu_model, mnist):
-    assert _clean(relu_model, mnist, 200) > 0.9
-    r = _attack("pgd", relu_model, mnist, 200)
-    assert r["acc"] < 0.10 and r["n"] == 200 and r["budget"]["pgd_steps"] == 10
+def _cascade(name, model, mnist, n, budget=FAST, eps=EPS, sources=None):
+    x, y = _xy(mnist, n)
+    with input_gradients_only(model):
+        broken, _, info = run_cascade_attack(name, model, x, y, torch.arange(n), eps, budget, sources=sources)
+    assert "unverified" not in info
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+    return float((clean & ~broken).float().mean()), broken, info
 
 
-@pytest.mark.parametrize("name,n,limit", [("fgsm", 200, 0.5), ("apgd", 100, 0.1), ("square", 50, 0.7)])
-def test_bounded_attacks_lower_accuracy(relu_model, mnist, name, n, limit):
-    assert _attack(name, relu_model, mnist, n)["acc"] < min(limit, _clean(relu_model, mnist, n) - 0.2)
+@pytest.mark.parametrize("name,limit", [("apgd_ce", 0.05), ("apgd_t", 0.05), ("square", 0.6)])
+def test_each_attack_lowers_an_undefended_relu_model(relu_model, mnist, name, limit):
+    assert _clean(relu_model, mnist, 100) > 0.85
+    acc, broken, _ = _cascade(name, relu_model, mnist, 100)
+    assert acc < limit
+
+
+@pytest.mark.parametrize("name", ["apgd_ce", "apgd_t", "twin_clip", "twin_sig_low", "twin_sig_high", "bpda_sig"])
+def test_each_gradient_attack_lowers_an_undefended_dqa_model(dqa_model, mnist, name):
+    assert _clean(dqa_model, mnist, 100) > 0.85
+    acc, _, _ = _cascade(name, dqa_model, mnist, 100)
+    assert acc < 0.3
+
+
+def test_transfer_from_a_relu_model_breaks_an_undefended_dqa_model(relu_model, dqa_model, mnist):
+    x, y = _xy(mnist, 100)
+    cand = transfer_candidates(relu_model, x, y, torch.arange(100), EPS, steps=10)
+    assert (cand - x).abs().max() <= EPS + 1e-6 and cand.min() >= 0 and cand.max() <= 1
+    acc, _, info = _cascade("transfer", dqa_model, mnist, 100, sources={"relu": cand})
+    assert acc < _clean(dqa_model, mnist, 100) - 0.3 and info["sources"] == ["relu"]
+
+
+class _WrongWay(torch.autograd.Function):
+    """Identity forward, negated backward: a straight-through estimate that points the wrong way."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class DQAReLU(dqa_ext.DQAReLU):  # same class name, so the adaptive attacks find it
+    def forward(self, x):
+        return _WrongWay.apply(super().forward(x))
+
+
+def _sabotaged(model):
+    import copy
+
+    m = copy.deepcopy(model)
+    for name, mod in dqa_modules(m):
+        bad = DQAReLU(bits=mod.bits, mode=mod.mode, num_channels=mod.num_channels)
+        bad.load_state_dict(mod.state_dict())
+        parent = m
+        *path, last = name.split(".")
+        for p in path:
+            parent = getattr(parent, p)
+        setattr(parent, last, bad)
+    return m.eval()
+
+
+def test_twin_attack_finds_what_a_wrong_way_straight_through_gradient_hides(dqa_model, mnist):
+    model = _sabotaged(dqa_model)
+    x, y = _xy(mnist, 100)
+    with torch.no_grad():  # same forward as the model it came from
+        assert torch.equal(model(x), dqa_model(x))
+    ste, _, _ = _cascade("apgd_ce", model, mnist, 100)
+    twin, _, _ = _cascade("twin_clip", model, mnist, 100)
+    assert twin < 0.3 and twin < ste - 0.3, (ste, twin)
+    ev = evaluate_model(model, x, y, eps=EPS, budget=FAST, attacks=["apgd_ce", "twin_clip"], sweep=False,
+                        log=lambda *_: None)
+    gap = ev["checks"]["ste_vs_quant_aware"]["only_quant_aware"]
+    assert gap == ev["cascade"]["twin_clip"]["broke"] >= 30
+    assert any("straight-through gradients are masked" in f for f in masking_flags(ev))
+
+
+def test_twin_forwards_are_the_surrogates_and_are_restored(dqa_model, mnist):
+    x = mnist.x_test[:8]
+    with torch.no_grad():
+        exact = dqa_model(x)
+        with quantizers_as(dqa_model, "bpda", "sigmoid", 0.5):
+            assert torch.equal(dqa_model(x), exact)  # BPDA keeps the exact forward
+        twin = Variant(dqa_model, "twin", "sigmoid", 1e-3)(x)
+        assert (twin.argmax(1) == exact.argmax(1)).float().mean() > 0.8  # a near-quantizer at low T
+        assert torch.equal(dqa_model(x), exact)
+    assert all("forward" not in m.__dict__ for _, m in dqa_modules(dqa_model))
+    s = torch.tensor([0.5])
+    v = torch.linspace(-1, 3, 101)
+    torch.testing.assert_close(surrogate("clip", v, s, 3), v.clamp(0, 1.5))
+    q = (v / s).round().clamp(0, 3) * s
+    far = ((v / s) - (v / s).round()).abs() < 0.4  # away from the thresholds
+    torch.testing.assert_close(surrogate("sigmoid", v, s, 3, 0.01)[far], q[far], atol=1e-4, rtol=0)
+
+
+def test_convergence_check_fires_on_an_under_budgeted_run(relu_model, mnist):
+    x, y = _xy(mnist, 100)
+    tiny = dataclasses.replace(FAST, apgd_steps=1, apgd_restarts=1)
+    ev = evaluate_model(relu_model, x, y, eps=0.08, budget=tiny, attacks=["apgd_ce"], sweep=False, log=lambda *_: None)
+    conv = ev["checks"]["convergence"]
+    assert conv["attack"] == "apgd_ce" and conv["extra_broken"] > 1
+    assert any(f.startswith("not converged") for f in masking_flags(ev))
+    # the rerun attacked exactly the survivors, and the worst case counts what it broke
+    first, rerun = ev["cascade"]["apgd_ce"], ev["cascade"]["rerun_2x"]
+    survivors = [i for i, s in enumerate(first["status"]) if s == 1]
+    assert [i for i, s in enumerate(rerun["status"]) if s is not None] == survivors
+    assert rerun["budget"]["apgd_steps"] == 2 and rerun["budget"]["apgd_restarts"] == 2
+    assert ev["worst_case"]["acc"] == pytest.approx(first["robust_after"] - rerun["broke"] / 100)
+
+
+def test_worst_case_is_the_per_example_intersection():
+    ev = {"n": 5, "clean": {"correct": [1, 1, 1, 1, 0]},
+          "cascade": {"a": {"status": [1, 0, 1, 1, None]}, "b": {"status": [1, None, 0, 1, None]}},
+          "paper": {"pgd": {"correct": [1, 1, 1, 0, 0]}, "cw": {"correct": [0, 1]},
+                    "apgd_art": {"correct": [0, 0, 0, 0, 0]}}}  # a cross-check: not part of the worst case
+    wc = worst_case(ev)
+    assert wc["robust"] == [0, 0, 0, 0, 0] and wc["acc"] == 0.0
+    ev["paper"]["cw"]["correct"] = [1, 1]
+    assert worst_case(ev)["robust"] == [1, 0, 0, 0, 0]
+
+
+def test_evaluate_keeps_per_example_results(relu_model, mnist):
+    ev = evaluate(relu_model, (mnist.x_test, mnist.y_test), attacks=["fgsm", "pgd", "apgd_ce", "square"],
+                  budget=dataclasses.replace(FAST, n=60), sweep_eps=[0, 0.1, 0.3], log=lambda *_: None)
+    assert ev["n"] == 60 and len(ev["worst_case"]["robust"]) == 60
+    robust = np.array(ev["clean"]["correct"], bool)
+    for r in ev["cascade"].values():
+        robust &= np.array([s != 0 for s in r["status"]])
+    for a in ("fgsm", "pgd"):
+        robust &= np.array(ev["paper"][a]["correct"], bool)
+    assert ev["worst_case"]["robust"] == robust.astype(int).tolist()
+    sw = ev["checks"]["sweep"]
+    assert sw["eps"] == [0, 0.1, 0.3] and sw["acc"][0] >= sw["acc"][-1]
+    assert ev["checks"]["sanity"]["acc"] == 0.0
+    with pytest.raises(AttackError, match="unknown attack"):
+        evaluate(relu_model, mnist, attacks=["deepfool"])
+    with pytest.raises(AttackError, match=r"\[0, 1\]"):
+        evaluate(relu_model, (mnist.x_test * 255, mnist.y_test), attacks=["fgsm"])
+
+
+def test_random_streams_are_keyed_by_example_not_by_batch():
+    a = example_uniform([3, 7, 9], (2, 2), seed=1, tag="t")
+    b = example_uniform([9, 3], (2, 2), seed=1, tag="t")
+    assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0]) and not torch.equal(a[0], a[1])
+
+
+def test_our_apgd_is_at_least_as_strong_as_arts(relu_model, mnist):
+    x, y = _xy(mnist, 100)
+    b = dataclasses.replace(FAST, apgd_steps=20, apgd_restarts=1)
+    art = run_attack("apgd_art", relu_model, x, y, 0.1, b)
+    with input_gradients_only(relu_model):
+        broken, _ = apgd(relu_model, x, y, torch.arange(100), 0.1, steps=20, restarts=1, loss="ce")
+    with torch.no_grad():
+        ours = ((relu_model(x).argmax(1) == y) & ~broken).float().mean().item()
+    assert ours <= art["acc"] + 0.03, (ours, art["acc"])
+
+
+def test_our_square_is_at_least_as_strong_as_arts(relu_model, mnist):
+    x, y = _xy(mnist, 60)
+    b = dataclasses.replace(FAST, square_queries=200)
+    art = run_attack("square_art", relu_model, x, y, EPS, b)
+    broken, adv = square_linf(relu_model, x, y, torch.arange(60), EPS, queries=200)
+    assert (adv - x).abs().max() <= EPS + 1e-6
+    with torch.no_grad():
+        ours = ((relu_model(x).argmax(1) == y) & ~broken).float().mean().item()
+    assert ours <= art["acc"] + 0.05, (ours, art["acc"])
+
+
+def test_budget_rejects_zero_counts():
+    with pytest.raises(AttackError, match="zoo_n must be >= 1"):
+        Budget(zoo_n=0).validate()
+    with pytest.raises(AttackError, match="apgd_t_targets"):
+        Budget(apgd_t_targets=12).validate()
+    with pytest.raises(AttackError, match="an integer"):
+        Budget(apgd_steps=2.5).validate()
+    assert Budget().scaled(2).apgd_steps == 2 * Budget().apgd_steps
+
+
+# ------------------------------------------------------------------ the paper's attacks
+def _paper(name, model, mnist, n, **kw):
+    x, y = _xy(mnist, n)
+    return run_attack(name, model, x, y, EPS, FAST, x_seed=mnist.x_test[-FAST.sub_seeds:], **kw)
+
+
+@pytest.mark.parametrize("name,n,limit", [("fgsm", 100, 0.5), ("pgd", 100, 0.1)])
+def test_paper_bounded_attacks_lower_accuracy(relu_model, mnist, name, n, limit):
+    assert _paper(name, relu_model, mnist, n)["acc"] < limit
 
 
 def test_cw_is_unbounded_and_succeeds(relu_model, mnist):
-    r = _attack("cw", relu_model, mnist, 20)
+    r = _paper("cw", relu_model, mnist, 20)
     assert r["success_rate"] > 0.9 and 0 < r["median_l2"] < 4
 
 
 def test_art_cw_cross_checks_the_project_cw(relu_model, mnist):
     """ART's CarliniL2Method (slow, so on 4 images) agrees that the undefended model falls."""
-    import dataclasses
-
     b = dataclasses.replace(FAST, cw_steps=20, cw_search=2, cw_const=5.0)
     x, y = mnist.x_test[:4], mnist.y_test[:4]
-    art = run_attack("cw_art", relu_model, x, y, 0.3, b)
-    ours = run_attack("cw", relu_model, x, y, 0.3, b)
-    assert art["grad"] == "bpda" and art["budget"] == ours["budget"]
+    art = run_attack("cw_art", relu_model, x, y, EPS, b)
+    ours = run_attack("cw", relu_model, x, y, EPS, b)
+    assert art["grad"] == "ste" and art["budget"] == ours["budget"]
     assert art["success_rate"] >= 0.5 and ours["success_rate"] >= 0.5
 
 
 def test_zoo_finds_adversarials_without_gradients(relu_model, mnist):
-    r = _attack("zoo", relu_model, mnist, 3)
+    r = _paper("zoo", relu_model, mnist, 3)
     assert r["success_rate"] > 0 and r["grad"] == "none"
 
 
 def test_substitute_attack_end_to_end(relu_model, mnist):
-    r = _attack("substitute", relu_model, mnist, 100)
+    r = _paper("substitute", relu_model, mnist, 100)
     assert r["queries"] == 150 * 2 ** (FAST.sub_rounds - 1)
     assert r["agreement"] > 0.5
     assert r["acc"] <= min(r["acc_fgsm"], r["acc_pgd"]) and r["acc"] < _clean(relu_model, mnist, 100) - 0.1
@@ -99,36 +291,18 @@ def test_substitute_only_sees_labels(mnist):
 
 
 def test_true_gradient_masks_a_dqa_model(dqa_model, mnist):
-    """The quantizer's true derivative is zero: PGD then reports near-clean accuracy, BPDA does not."""
-    clean = _clean(dqa_model, mnist, 200)
+    """The quantizer's true derivative is zero: PGD then reports near-clean accuracy, STE does not."""
+    clean = _clean(dqa_model, mnist, 100)
     assert clean > 0.8
-    zero = _attack("pgd", dqa_model, mnist, 200, attack_grad="zero")
-    bpda = _attack("pgd", dqa_model, mnist, 200)
+    zero = _paper("pgd", dqa_model, mnist, 100, attack_grad="zero")
+    ste = _paper("pgd", dqa_model, mnist, 100)
     # Only the random start moves the input: accuracy stays near clean (uniform noise of 0.3 costs a
     # few points), while the same PGD with straight-through gradients breaks the model.
     assert zero["grad"] == "zero" and zero["acc"] > clean - 0.12
-    assert bpda["acc"] < 0.3 and bpda["acc"] < zero["acc"] - 0.5
-    assert _attack("fgsm", dqa_model, mnist, 200, attack_grad="zero")["acc"] == pytest.approx(clean)
+    assert ste["acc"] < 0.3 and ste["acc"] < zero["acc"] - 0.5
     x = mnist.x_test[:4].clone().requires_grad_(True)
     TrueGradient(dqa_model)(x).sum().backward()
     assert torch.count_nonzero(x.grad) == 0
     with true_gradient(dqa_model):
         pass
-    assert all(not m._forward_hooks for _, m in dqa_modules(dqa_model))  # hooks removed
-
-
-def test_evaluate_api_worst_case_and_sweep(relu_model, mnist):
-    b = Budget(n=60, pgd_steps=5, cw_n=10, cw_steps=10, cw_search=2, apgd_steps=5, sweep_n=30)
-    res = evaluate(relu_model, (mnist.x_test, mnist.y_test), attacks=["fgsm", "pgd", "cw"], budget=b,
-                   sweep_eps=[0, 0.1, 0.3], log=lambda *_: None)
-    wc = res["worst_case"]
-    assert wc["full"]["n"] == 60 and wc["all"]["n"] == 10 and wc["full"]["attacks"] == ["fgsm", "pgd"]
-    per = np.minimum.reduce([np.array(res["attacks"][a]["correct"][:10]) for a in ("fgsm", "pgd", "cw")])
-    assert wc["all"]["acc"] == pytest.approx(per.mean())
-    assert wc["full"]["acc"] <= min(res["attacks"]["fgsm"]["acc"], res["attacks"]["pgd"]["acc"])
-    assert res["sweep"]["eps"] == [0, 0.1, 0.3] and res["sweep"]["pgd"][0] >= res["sweep"]["pgd"][-1]
-    assert res["budget"]["pgd_steps"] == 5 and res["eps"] == 0.3
-    with pytest.raises(AttackError, match="unknown attack"):
-        evaluate(relu_model, mnist, attacks=["deepfool"])
-    with pytest.raises(AttackError, match=r"\[0, 1\]"):
-        evaluate(relu_model, (mnist.x_test * 255, mnist.y_test), attacks=["fgsm"])
+    assert all("forward" not in m.__dict__ for _, m in dqa_modules(dqa_model))

@@ -67,6 +67,14 @@ def test_mnist_missing_and_corrupt_files_name_the_file(tmp_path):
         load_dataset("imagenet", tmp_path)
 
 
+def test_idx_header_whose_size_overflows_int64_is_a_data_error(tmp_path):
+    # 2**31 * 2**31 * 4 = 2**64: in int64 that wraps to 0, which an empty body would match.
+    bad = tmp_path / "crafted-idx3-ubyte"
+    bad.write_bytes(bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (2**31, 2**31, 4)))
+    with pytest.raises(DataError, match=f"{bad.name} is corrupt: header says .*{2**64} bytes.*holds 0"):
+        read_idx(bad)
+
+
 def _write_cifar(root, n=4, seed=0):
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
@@ -96,6 +104,10 @@ def test_cifar10_missing_and_corrupt(tmp_path):
     _write_cifar(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"garbage")
     with pytest.raises(DataError, match="data_batch_3"):
+        load_cifar10(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]}, f)
+    with pytest.raises(DataError, match="data_batch_3 has labels outside 0..9"):
         load_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(DataError, match="missing CIFAR-10 file .*data_batch_3"):

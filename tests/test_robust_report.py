@@ -1,59 +1,96 @@
-"""Masking flags come from the numbers; report.md, results.json and the plots are written."""
+"""Flags come from the numbers; load_results refuses files the report cannot read; report.md,
+results.json and the plots are written, ranked by the adaptive worst case."""
 import json
 
-from dqa_ext.robust.report import masking_flags, table, write_report
+import pytest
+
+from dqa_ext.robust.errors import UserError
+from dqa_ext.robust.report import load_results, masking_flags, write_report
 
 
-def _attack(acc, n=100, **kw):
-    k = round(acc * n)
-    return {"acc": acc, "n": n, "correct": [1] * k + [0] * (n - k), "budget": {"cw_steps": 10, "cw_search": 2}, **kw}
+def _status(broke, attacked, n=100):
+    return [0] * broke + [1] * (attacked - broke) + [None] * (n - attacked)
 
 
-def _eval(**attacks):
-    return {"eps": 0.3, "n": 100, "clean": {"acc": 0.99, "n": 100}, "budget": {"n": 100, "pgd_steps": 10},
-            "attacks": attacks,
-            "worst_case": {"all": {"acc": 0.1, "n": 20, "attacks": list(attacks)},
-                           "full": {"acc": 0.1, "n": 100, "attacks": list(attacks)}},
-            "sweep": {"eps": [0, 0.1, 0.3], "n": 100, "fgsm": [0.99, 0.6, 0.2], "pgd": [0.99, 0.5, 0.1]},
-            "steps": {"1": [0.5, 0.7], "4": [0.2, 0.3, 0.4]}}
+def _eval(wc=0.3, **checks):
+    n = 100
+    ev = {"eps": 0.3, "n": n, "clean": {"acc": 0.99, "n": n, "correct": [1] * 99 + [0]},
+          "budget": {"n": n, "apgd_steps": 100},
+          "cascade": {"apgd_ce": {"attack": "apgd_ce", "label": "APGD-CE", "attacked": 99, "broke": 60,
+                                  "status": _status(60, 99), "robust_after": 0.39, "budget": {}},
+                      "rerun_2x": {"attack": "rerun_2x", "label": "Rerun x2", "attacked": 39, "broke": 0,
+                                   "rerun_of": "apgd_ce", "status": [None] * 60 + [1] * 39 + [None],
+                                   "robust_after": 0.39, "budget": {}}},
+          "paper": {"fgsm": {"acc": 0.5, "n": n, "correct": [1] * 50 + [0] * 50},
+                    "pgd": {"acc": 0.4, "n": n, "correct": [1] * 40 + [0] * 60}},
+          "worst_case": {"acc": wc, "n": n, "robust": [1] * int(wc * n) + [0] * (n - int(wc * n))},
+          "checks": {"convergence": {"attack": "apgd_ce", "extra_broken": 0, "survivors": 39, "n": n},
+                     "ste_vs_quant_aware": {"only_quant_aware": 0, "n": n, "ran": True},
+                     "black_box_vs_gradient": {"only_black_box": 0, "n": n},
+                     "sanity": {"eps": 1.0, "acc": 0.0, "n": n},
+                     "sweep": {"eps": [0, 0.1, 0.3], "n": n, "acc": [0.99, 0.6, 0.3], "attack": "APGD-CE",
+                               "steps": 50}},
+          "steps": {"1": [0.5, 0.7], "4": [0.2, 0.3, 0.4]}}
+    ev["checks"].update(checks)
+    return ev
 
 
 def test_an_honest_looking_result_raises_no_flags():
-    ev = _eval(fgsm=_attack(0.3), pgd=_attack(0.1), square=_attack(0.4), cw=_attack(0.0, n=20, success_rate=1.0))
-    assert masking_flags(ev) == []
+    assert masking_flags(_eval()) == []
 
 
-def test_each_masking_symptom_is_flagged():
-    ev = _eval(fgsm=_attack(0.2), pgd=_attack(0.6), square=_attack(0.3), pgd_zero=_attack(0.9),
-               cw=_attack(0.5, n=20, success_rate=0.5, median_l2=1.0))
-    ev["sweep"]["pgd"] = [0.99, 0.9, 0.95]
-    ev["sweep"]["fgsm"] = [0.99, 0.99, 0.98]
+def test_each_weakness_is_flagged_with_its_numbers():
+    ev = _eval(convergence={"attack": "apgd_t", "extra_broken": 3, "survivors": 40, "n": 100},
+               ste_vs_quant_aware={"only_quant_aware": 7, "n": 100, "ran": True},
+               black_box_vs_gradient={"only_black_box": 2, "n": 100},
+               sanity={"eps": 1.0, "acc": 0.05, "n": 100},
+               sweep={"eps": [0, 0.1, 0.3], "n": 100, "acc": [0.99, 0.5, 0.7], "attack": "APGD-CE", "steps": 50})
+    ev["paper"]["fgsm"]["correct"] = [1] * 20 + [0] * 80
     flags = " | ".join(masking_flags(ev))
-    assert "Square (30.0%) beats the best white-box attack FGSM (20.0%)" not in flags  # FGSM is best
-    assert "single-step FGSM (20.0%) beats iterative PGD (60.0%)" in flags
-    assert "PGD accuracy rises with epsilon" in flags
-    assert "FGSM accuracy does not fall" in flags
-    assert "C&W-L2 reaches only 50.0%" in flags
-    assert "true-gradient PGD reports 90.0% where BPDA PGD finds 60.0%" in flags
-    ev2 = _eval(pgd=_attack(0.6), substitute=_attack(0.2))
-    assert any("Substitute (20.0%) beats the best white-box attack PGD (60.0%)" in f for f in masking_flags(ev2))
+    assert "not converged: APGD-T with twice the steps and restarts broke 3 more of 40 survivors (3.0 points" in flags
+    assert "quantization-aware attacks broke 7 images (7.0 points)" in flags
+    assert "gradient-free or transfer attacks broke 2 images (2.0 points)" in flags
+    assert "APGD-CE at epsilon 1 leaves 5.0% robust" in flags
+    assert "accuracy rises with epsilon (0.1 -> 0.3)" in flags
+    assert "single-step FGSM (20.0%) beats iterative PGD (40.0%)" in flags
+    # one more image than the tolerance is not yet a flag: 1 point of 100 is within noise
+    assert masking_flags(_eval(convergence={"attack": "apgd_ce", "extra_broken": 1, "survivors": 39, "n": 100})) == []
 
 
-def test_report_and_plots_are_written(tmp_path):
-    ev = _eval(fgsm=_attack(0.3), pgd=_attack(0.1), cw=_attack(0.0, n=20, success_rate=1.0, median_l2=1.5),
-               zoo=_attack(0.5, n=5, success_rate=0.4, median_l2=None))
-    results = {"command": "dqa reproduce --out X", "settings": {"data": "mnist5k", "eps": 0.3}, "wall_seconds": 12.0,
-               "provenance": {"torch": "x"},
-               "models": [{"name": "dqa2-pgd", "eval": ev, "train": {"history": [
-                   {"epoch": 1, "loss": 0.5, "test_acc": 0.9, "seconds": 3.0}]}},
-                          {"name": "relu-standard", "eval": {**ev, "steps": {}}}]}
+def _results(*evs):
+    names = ["dqa2-pgd", "relu-standard", "fixed2-pgd"]
+    return {"command": "dqa reproduce --out X", "settings": {"data": "mnist5k", "eps": 0.3}, "wall_seconds": 12.0,
+            "provenance": {"torch": "x"},
+            "models": [{"name": names[i], "eval": ev, "train": {"history": [
+                {"epoch": 1, "loss": 0.5, "test_acc": 0.9, "seconds": 3.0}]}} for i, ev in enumerate(evs)]}
+
+
+def test_report_and_plots_are_written_ranked_by_the_worst_case(tmp_path):
+    results = _results(_eval(0.3), {**_eval(0.0), "steps": {}}, _eval(0.45))
     paths = write_report(results, tmp_path)
     for key in ("results", "report", "eps", "steps"):
         assert paths[key].is_file() and paths[key].stat().st_size > 0
     assert paths["eps"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = paths["report"].read_text()
-    assert "dqa reproduce --out X" in md and "| dqa2-pgd | 99.0 | 30.0 | 10.0 | 100.0 / 1.50 | 40.0 / - |" in md
-    assert "![accuracy against epsilon](acc_vs_eps.png)" in md and "pgd_steps" in md
+    assert "dqa reproduce --out X" in md and "![accuracy against epsilon](acc_vs_eps.png)" in md
+    rows = [line for line in md.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")
+            or line.startswith("| 3 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["fixed2-pgd", "dqa2-pgd", "relu-standard"]
+    assert "| 1 | fixed2-pgd | 99.0 | **45.0** | 40.0 | 0 | 0 | 0 (APGD-CE) | 0.0 | 0 |" in md
+    assert "60 / 99 -> 39.0" in md and "- **Adaptive worst case**:" in md
     saved = json.loads(paths["results"].read_text())
-    assert saved["models"][0]["flags"] == masking_flags(ev)
-    assert "Worst" in table(results)
+    assert saved["models"][0]["flags"] == masking_flags(results["models"][0]["eval"])
+    assert load_results(tmp_path)["settings"]["eps"] == 0.3
+
+
+@pytest.mark.parametrize("content,match", [
+    ("[1, 2]", "not a dqa results file"),
+    ('{"models": []}', "'settings' is missing"),
+    ('{"settings": {"eps": 0.3}, "models": [{"name": "a"}]}', r"models\[0\] needs"),
+    ('{"settings": {"eps": 0.3}, "models": [{"name": "a", "eval": {"eps": 0.3}}]}', "has no n, clean"),
+    ("not json", "not valid JSON"),
+])
+def test_load_results_refuses_what_the_report_cannot_read(tmp_path, content, match):
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(UserError, match=match):
+        load_results(tmp_path)

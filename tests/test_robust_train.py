@@ -91,3 +91,38 @@ def test_bad_checkpoints(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(TrainError, match="cannot read checkpoint"):
         load_model(tmp_path / "junk.pt")
+
+
+def test_resume_refuses_another_world_size_and_accepts_checkpoints_without_it(mnist, tmp_path, monkeypatch):
+    # Each rank trains on its shard of the data: another WORLD_SIZE is another run.
+    import torch.distributed as dist
+
+    base = dict(activation="dqa2", arch_kwargs=SMALL, n_train=64, batch_size=32, progress=False,
+                optimizer="adam")
+    path = tmp_path / "m.pt"
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train(TrainConfig(**base, epochs=1, out=str(path)), dataset=mnist, log=lambda *_: None)
+    ckpt = read_checkpoint(path)
+    assert ckpt["meta"]["world_size"] == 1
+
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("the world size must be checked before the process group starts")
+
+    monkeypatch.setattr(dist, "init_process_group", no_process_group)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainError, match="WORLD_SIZE=1 but this run has WORLD_SIZE=2") as e:
+        train(TrainConfig(**base, epochs=2, out=str(path), resume=True), dataset=mnist, log=lambda *_: None)
+    assert "\n" not in str(e.value)
+    monkeypatch.delenv("WORLD_SIZE")
+
+    ckpt["meta"]["world_size"] = 4
+    torch.save(ckpt, path)
+    with pytest.raises(TrainError, match="WORLD_SIZE=4 but this run has WORLD_SIZE=1"):
+        train(TrainConfig(**base, epochs=2, out=str(path), resume=True), dataset=mnist, log=lambda *_: None)
+
+    del ckpt["meta"]["world_size"]  # written before the field existed
+    torch.save(ckpt, path)
+    resumed = train(TrainConfig(**base, epochs=2, out=str(path), resume=True), dataset=mnist,
+                    log=lambda *_: None)
+    assert [h["epoch"] for h in resumed.dqa_meta["history"]] == [1, 2]
+    assert read_checkpoint(path)["meta"]["world_size"] == 1

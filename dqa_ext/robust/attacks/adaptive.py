@@ -1,0 +1,118 @@
+"""Quantization-aware adaptive attacks (Athalye et al. 2018; Tramer et al. 2020).
+
+A quantizer's true derivative is zero almost everywhere, and the straight-through estimate (the
+identity inside the clip range) may point the wrong way, so gradient attacks through DQAReLU can be
+masked. Here each DQAReLU of a model is temporarily given another behaviour:
+
+  twin      the forward itself is a smooth surrogate (the model becomes a differentiable twin with
+            the same weights): ``clip`` = clamp(x, 0, qmax*s), or ``sigmoid`` =
+            s * sum_k sigmoid((x/s - (k - 1/2)) / T), a staircase that tends to the quantizer as T -> 0;
+  bpda      the exact forward, with the surrogate's derivative in the backward;
+  zero      the exact forward, with the true derivative (zero): what a masking-blind evaluation sees.
+
+Attacks on a twin are always checked on the real model (see whitebox.apgd's ``check``).
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+from torch import nn
+
+from ..models import dqa_modules
+
+SURROGATES = ("clip", "sigmoid")
+
+
+def effective_step(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The step DQAReLU uses, shaped to broadcast against x along its channel dim."""
+    s = m.step.detach().float()
+    if m.mode == "dynamic":
+        s = s.abs().clamp_min(m.min_step)
+    shape = [1] * x.dim()
+    if s.numel() > 1:
+        shape[m.channel_dim % x.dim()] = -1
+    return s.reshape(shape)
+
+
+def surrogate(kind: str, x: torch.Tensor, s: torch.Tensor, qmax: int, temp: float = 0.1) -> torch.Tensor:
+    """A smooth stand-in for clamp(round(x / s), 0, qmax) * s."""
+    if kind == "clip":
+        return torch.minimum(torch.relu(x), qmax * s)
+    if kind == "sigmoid":
+        v = x.float() / s
+        # Clamped logits: far from a threshold the derivative underflows to denormals at low T,
+        # which slows x86 arithmetic a hundredfold and adds nothing (sigmoid'(30) ~ 1e-13).
+        return s * sum(torch.sigmoid(((v - (k - 0.5)) / temp).clamp(-30, 30)) for k in range(1, qmax + 1))
+    raise ValueError(f"unknown surrogate {kind!r}; choose from {', '.join(SURROGATES)}")
+
+
+class _Zero(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.zeros_like(grad), None
+
+
+def _behaviour(mode: str, kind: str, temp: float):
+    def forward(self, x):
+        if mode == "zero":
+            return _Zero.apply(x, type(self).forward(self, x).detach())
+        smooth = surrogate(kind, x, effective_step(self, x), self.qmax, temp).to(x.dtype)
+        if mode == "twin":
+            return smooth
+        exact = type(self).forward(self, x).detach()
+        return exact + (smooth - smooth.detach())  # bpda: the exact value, the surrogate's gradient
+
+    return forward
+
+
+@contextlib.contextmanager
+def quantizers_as(model: nn.Module, mode: str, kind: str = "clip", temp: float = 0.1):
+    """Within the block every DQAReLU of ``model`` behaves as ``mode`` (twin, bpda or zero)."""
+    if mode not in ("twin", "bpda", "zero"):
+        raise ValueError(f"mode must be twin, bpda or zero, got {mode!r}")
+    mods = [m for _, m in dqa_modules(model)]
+    fn = _behaviour(mode, kind, temp)
+    for m in mods:
+        m.forward = types.MethodType(fn, m)  # an instance attribute shadows the class's forward
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.__dict__.pop("forward", None)
+
+
+class Variant(nn.Module):
+    """``model`` seen through quantizers_as(mode, kind, temp): a callable for the attacks."""
+
+    def __init__(self, model: nn.Module, mode: str, kind: str = "clip", temp: float = 0.1):
+        super().__init__()
+        self.model, self.mode, self.kind, self.temp = model, mode, kind, temp
+
+    def forward(self, x):
+        with quantizers_as(self.model, self.mode, self.kind, self.temp):
+            return self.model(x)
+
+
+def has_quantizers(model: nn.Module) -> bool:
+    return bool(dqa_modules(model))
+
+
+# The masking demonstration of the paper-style table: PGD with the true (zero) derivative.
+@contextlib.contextmanager
+def true_gradient(model: nn.Module):
+    """Within the block every DQAReLU of ``model`` back-propagates its true derivative (zero)."""
+    with quantizers_as(model, "zero"):
+        yield model
+
+
+class TrueGradient(Variant):
+    """``model`` whose DQAReLUs back-propagate zero (forward unchanged); ReLU models are unaffected."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model, "zero")
