@@ -81,7 +81,7 @@ def test_reproduce_smoke_preset(tmp_path):
     assert set(relu["paper"]) == {"fgsm", "pgd", "cw", "zoo", "substitute", "pgd_zero"}
     assert set(relu["cascade"]) == {"apgd_ce", "apgd_t", "square", "transfer", "rerun_2x"}  # no quantizers: no twins
     assert set(dqa["cascade"]) == set(relu["cascade"]) | {"twin_clip", "twin_sig_low", "twin_sig_high", "bpda_sig",
-                                                          "rerun_2x_quant"}
+                                                          "twin_anneal", "rerun_2x_quant"}
     assert dqa["cascade"]["transfer"]["sources"] == ["relu-standard", "relu-pgd", "dqa2-standard"]
     assert "Robust accuracy under adaptive attack" in (tmp_path / "report.md").read_text()
     for f in ("report.md", "acc_vs_eps.png", "steps.png"):

@@ -24,8 +24,9 @@ from dqa_ext.robust.train import TrainConfig, train
 
 ARCH = {"channels": [16, 32], "hidden": 64, "kernel": 3}
 FAST = Budget(n=100, apgd_steps=20, apgd_restarts=1, apgd_t_targets=3, square_queries=300, twin_steps=20,
-              twin_targets=2, transfer_steps=10, sweep_n=40, sweep_steps=10, pgd_steps=10, cw_n=20, cw_steps=30,
-              cw_search=3, zoo_n=3, zoo_steps=20, sub_seeds=150, sub_rounds=3, sub_epochs=5)
+              twin_targets=2, anneal_steps=20, anneal_restarts=1, transfer_steps=10, sweep_n=40, sweep_steps=10,
+              pgd_steps=10, cw_n=20, cw_steps=30, cw_search=3, zoo_n=3, zoo_steps=20, sub_seeds=150, sub_rounds=3,
+              sub_epochs=5)
 EPS = 0.3
 
 
@@ -77,7 +78,8 @@ def test_each_attack_lowers_an_undefended_relu_model(relu_model, mnist, name, li
     assert acc < limit
 
 
-@pytest.mark.parametrize("name", ["apgd_ce", "apgd_t", "twin_clip", "twin_sig_low", "twin_sig_high", "bpda_sig"])
+@pytest.mark.parametrize("name", ["apgd_ce", "apgd_t", "twin_clip", "twin_sig_low", "twin_sig_high", "bpda_sig",
+                                  "twin_anneal"])
 def test_each_gradient_attack_lowers_an_undefended_dqa_model(dqa_model, mnist, name):
     assert _clean(dqa_model, mnist, 100) > 0.85
     acc, _, _ = _cascade(name, dqa_model, mnist, 100)

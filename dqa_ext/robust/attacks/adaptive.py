@@ -116,3 +116,43 @@ class TrueGradient(Variant):
 
     def __init__(self, model: nn.Module):
         super().__init__(model, "zero")
+
+
+def annealed_twin(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start, t_end, seed=0,
+                  tag="twin_anneal", batch_size=500):
+    """PGD on the sigmoid-staircase twin while its temperature falls geometrically from t_start to
+    t_end (a smooth model first, then ever closer to the quantizer), with the step size falling in
+    thirds; restarts cycle through the CE, DLR and margin losses. Every iterate is checked on the
+    real model. Returns (broken bool [N] on the CPU, x_adv [N]).
+
+    Found by an independent evaluation of this project's numbers to break PGD-trained quantized
+    models that fixed-temperature twins leave standing."""
+    from .common import ce_loss, dlr_loss, example_uniform, margin
+
+    losses = (ce_loss, dlr_loss, lambda z, t: -margin(z, t))
+    twin = Variant(model, "twin", "sigmoid", t_start)
+    n = len(x)
+    broken = torch.zeros(n, dtype=torch.bool)
+    x_adv = x.detach().clone()
+    for r in range(restarts):
+        todo = torch.nonzero(~broken).flatten()
+        for i in range(0, len(todo), batch_size):
+            idx = todo[i:i + batch_size]
+            di = idx.to(x.device)
+            xb, yb = x[di], y[di]
+            noise = example_uniform(ids[idx], tuple(x.shape[1:]), seed, f"{tag}/{r}").to(x.device)
+            xa = (xb + eps * noise).clamp(0.0, 1.0)
+            found = torch.zeros(len(idx), dtype=torch.bool, device=x.device)
+            for k in range(steps):
+                twin.temp = t_start * (t_end / t_start) ** (k / max(1, steps - 1))
+                xr = xa.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    (g,) = torch.autograd.grad(losses[r % 3](twin(xr).float(), yb).sum(), xr)
+                step = eps * (1 / 6 if k < steps // 3 else (1 / 15 if k < 2 * steps // 3 else 1 / 37.5))
+                xa = torch.min(torch.max(xa.detach() + step * g.sign(), xb - eps), xb + eps).clamp_(0.0, 1.0)
+                with torch.no_grad():
+                    wrong = (model(xa).argmax(1) != yb) & ~found
+                x_adv[di[wrong]] = xa[wrong]
+                found |= wrong
+            broken[idx[found.cpu()]] = True
+    return broken, x_adv

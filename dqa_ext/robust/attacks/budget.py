@@ -31,6 +31,10 @@ class Budget:
     twin_targets: int = 9
     twin_temp_low: float = 0.1      # sigmoid-staircase temperatures, in units of the step
     twin_temp_high: float = 0.2
+    anneal_steps: int = 150         # twin_anneal: PGD on the sigmoid twin, temperature annealed
+    anneal_restarts: int = 12       # (restarts cycle through the CE, DLR and margin losses)
+    anneal_t_start: float = 0.3
+    anneal_t_end: float = 0.03
     transfer_steps: int = 100       # APGD-CE steps crafting each model's transfer candidates
     sanity_eps: float = 1.0         # a large-epsilon APGD-CE that must reach 0%
     sweep_n: int = 200              # images for the accuracy-vs-epsilon curves
@@ -57,7 +61,8 @@ class Budget:
 
     # Fields that must be >= 1 (a count of 0 would silently run on one image or do nothing).
     POSITIVE = ("n", "batch_size", "apgd_steps", "apgd_restarts", "apgd_t_targets", "apgd_t_restarts",
-                "square_queries", "twin_steps", "twin_restarts", "twin_targets", "transfer_steps",
+                "square_queries", "twin_steps", "twin_restarts", "twin_targets", "anneal_steps", "anneal_restarts",
+                "transfer_steps",
                 "sweep_n", "sweep_steps", "pgd_steps", "pgd_restarts", "cw_n", "cw_steps", "cw_search",
                 "zoo_n", "zoo_steps", "zoo_search", "zoo_parallel", "sub_seeds", "sub_rounds", "sub_epochs")
 
@@ -76,6 +81,9 @@ class Budget:
             raise AttackError("budget apgd_t_targets and twin_targets must be <= 9 (the other classes)")
         if not 0 < self.square_p_init <= 1:
             raise AttackError(f"budget square_p_init must be in (0, 1], got {self.square_p_init!r}")
+        if not 0 < self.anneal_t_end <= self.anneal_t_start:
+            raise AttackError("budget anneal_t_end must be > 0 and <= anneal_t_start, got "
+                              f"{self.anneal_t_end!r} and {self.anneal_t_start!r}")
         if not 0 < self.twin_temp_low <= self.twin_temp_high:
             raise AttackError("budget twin_temp_low must be > 0 and <= twin_temp_high, got "
                               f"{self.twin_temp_low!r} and {self.twin_temp_high!r}")
@@ -83,5 +91,6 @@ class Budget:
 
     def scaled(self, factor: int) -> "Budget":
         """The same budget with factor x the steps and restarts of the gradient attacks (convergence check)."""
-        keys = ("apgd_steps", "apgd_restarts", "apgd_t_restarts", "twin_steps", "twin_restarts")
+        keys = ("apgd_steps", "apgd_restarts", "apgd_t_restarts", "twin_steps", "twin_restarts", "anneal_steps",
+                "anneal_restarts")
         return dataclasses.replace(self, **{k: getattr(self, k) * factor for k in keys})

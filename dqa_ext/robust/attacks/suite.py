@@ -10,6 +10,7 @@ earlier one left robust, so the cost stays low and the per-example worst case is
   twin_sig_low   the same on the sigmoid-staircase twin, low temperature (close to the quantizer)
   twin_sig_high  the same, high temperature (smoother)
   bpda_sig       exact forward, sigmoid-staircase backward (BPDA), APGD-CE + APGD-T
+  twin_anneal    PGD on the sigmoid twin while its temperature anneals towards the quantizer
   square         Square, L-inf, score-based
   transfer       the other models' high-loss points
   rerun_2x       the straight-through attack that broke the most, rerun with twice the steps and
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ..models import learned_steps
-from .adaptive import Variant, has_quantizers
+from .adaptive import Variant, annealed_twin, has_quantizers
 from .budget import AttackError, Budget
 from .common import device_of, input_gradients_only, predict
 from .paper import CROSS_CHECKS, LABELS as PAPER_LABELS, PAPER, run_attack
@@ -37,7 +38,7 @@ from .transfer import transfer, transfer_candidates
 from .whitebox import apgd
 
 STE = ("apgd_ce", "apgd_t")
-QUANT_AWARE = ("twin_clip", "twin_sig_low", "twin_sig_high", "bpda_sig")
+QUANT_AWARE = ("twin_clip", "twin_sig_low", "twin_sig_high", "bpda_sig", "twin_anneal")
 BLACK_BOX = ("square", "transfer")
 CASCADE = STE + QUANT_AWARE + BLACK_BOX
 GRADIENT = STE + QUANT_AWARE
@@ -45,7 +46,8 @@ DEFAULT_ATTACKS = CASCADE + PAPER
 ATTACKS = CASCADE + PAPER + CROSS_CHECKS
 LABELS = {"apgd_ce": "APGD-CE", "apgd_t": "APGD-T", "twin_clip": "Twin (clip)",
           "twin_sig_low": "Twin (sigmoid, low T)", "twin_sig_high": "Twin (sigmoid, high T)",
-          "bpda_sig": "BPDA (sigmoid)", "square": "Square", "transfer": "Transfer", "rerun_2x": "Rerun x2",
+          "bpda_sig": "BPDA (sigmoid)", "twin_anneal": "Twin (annealed T)", "square": "Square", "transfer": "Transfer",
+          "rerun_2x": "Rerun x2",
           "rerun_2x_quant": "Rerun x2 (quant.-aware)",
           **PAPER_LABELS}
 # What each cascade attack is, in one line (the report prints these).
@@ -56,6 +58,8 @@ DESCRIPTIONS = {
     "twin_sig_low": "the same on a sigmoid-staircase twin at the low temperature",
     "twin_sig_high": "the same on a sigmoid-staircase twin at the high temperature",
     "bpda_sig": "exact forward, sigmoid-staircase derivative in the backward",
+    "twin_anneal": "PGD on the sigmoid-staircase twin with its temperature annealed towards the quantizer "
+                   "(restarts cycle CE, DLR and margin losses), checked on the model",
     "square": "Square (score-based, no gradients)",
     "transfer": "the other models' high-loss points",
     "rerun_2x": "the straight-through attack that broke the most, rerun on the survivors with twice the steps "
@@ -109,6 +113,11 @@ def run_cascade_attack(name, model, x, y, ids, eps, b: Budget, *, seed=0, source
     elif name == "apgd_t":
         broken, x_adv = _gradient(model, None, x, y, ids, eps, steps=b.apgd_steps, restarts=0,
                                   targets=b.apgd_t_targets, restarts_t=b.apgd_t_restarts, **kw)
+    elif name == "twin_anneal":
+        broken, x_adv = annealed_twin(model, x, y, ids, eps, steps=b.anneal_steps, restarts=b.anneal_restarts,
+                                      t_start=b.anneal_t_start, t_end=b.anneal_t_end, seed=seed, tag=name,
+                                      batch_size=b.batch_size)
+        info = {"surrogate": "sigmoid", "temperature": [b.anneal_t_start, b.anneal_t_end], "mode": "twin"}
     elif name in QUANT_AWARE:
         kind, temp = {"twin_clip": ("clip", 0.0), "twin_sig_low": ("sigmoid", b.twin_temp_low),
                       "twin_sig_high": ("sigmoid", b.twin_temp_high), "bpda_sig": ("sigmoid", b.twin_temp_high)}[name]
@@ -140,7 +149,8 @@ def run_cascade_attack(name, model, x, y, ids, eps, b: Budget, *, seed=0, source
 
 def _budget_keys(name: str) -> list[str]:
     return {"apgd_ce": ["apgd_steps", "apgd_restarts"], "apgd_t": ["apgd_steps", "apgd_t_targets", "apgd_t_restarts"],
-            "square": ["square_queries", "square_p_init"], "transfer": ["transfer_steps"]}.get(
+            "square": ["square_queries", "square_p_init"], "transfer": ["transfer_steps"],
+            "twin_anneal": ["anneal_steps", "anneal_restarts", "anneal_t_start", "anneal_t_end"]}.get(
         name, ["twin_steps", "twin_restarts", "twin_targets", "twin_temp_low", "twin_temp_high"])
 
 
