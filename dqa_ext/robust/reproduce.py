@@ -42,7 +42,7 @@ PRESETS = {
         "epochs": {"standard": 3, "pgd": 5},
         # PGD training fine-tunes the standard model (init_from) with eps ramped up over one epoch.
         "adv": {"pgd_steps": 5, "eps_warmup": 1.0, "init_from_standard": True},
-        "budget": {"n": 300, "cw_n": 100, "zoo_n": 10, "sweep_n": 200},
+        "budget": {"n": 200, "twin_targets": 3, "cw_n": 50, "zoo_n": 10, "sweep_n": 100},
         "attacks": list(DEFAULT_ATTACKS),
     },
     "matrix": {
@@ -51,7 +51,7 @@ PRESETS = {
         "train": {"arch_kwargs": {"channels": [16, 32], "hidden": 128, "kernel": 3}, "batch_size": 64},
         "epochs": {"standard": 3, "pgd": 5},
         "adv": {"pgd_steps": 5, "eps_warmup": 1.0, "init_from_standard": True},
-        "budget": {"n": 300, "cw_n": 100, "zoo_n": 10, "sweep_n": 200},
+        "budget": {"n": 200, "twin_targets": 3, "cw_n": 50, "zoo_n": 10, "sweep_n": 100},
         "attacks": list(DEFAULT_ATTACKS),
     },
     "paper": {
