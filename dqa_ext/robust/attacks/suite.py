@@ -238,6 +238,8 @@ def _run_on_survivors(name, model, xd, yd, ids, robust, eps, b, seed, sources, l
     r = {"attack": label, "label": LABELS[label], "attacked": len(todo), "broke": broke,
          "budget": {k: getattr(b, k) for k in _budget_keys(name)}, "status": status,
          "robust_after": float(robust.float().mean()), "seconds": time.time() - t, **info}
+    if name == "transfer":
+        r.setdefault("sources", list(sources or {}))  # also when no image was left to try them on
     log(f"  {LABELS[label]:<24} broke {broke:>4} of {len(todo):>4} survivors -> {r['robust_after']:.3f} "
         f"({r['seconds']:.1f}s)")
     return r
