@@ -32,7 +32,7 @@ class Budget:
     twin_temp_low: float = 0.1      # sigmoid-staircase temperatures, in units of the step
     twin_temp_high: float = 0.2
     anneal_steps: int = 150         # twin_anneal: PGD on the sigmoid twin, temperature annealed
-    anneal_restarts: int = 12       # (restarts cycle through the CE, DLR and margin losses)
+    anneal_restarts: int = 30       # (restarts cycle through the CE, DLR and margin losses)
     anneal_t_start: float = 0.3
     anneal_t_end: float = 0.03
     transfer_steps: int = 100       # APGD-CE steps crafting each model's transfer candidates
