@@ -78,11 +78,6 @@ def check_attacks(attacks) -> list[str]:
     return attacks
 
 
-def _tol(n: int) -> float:
-    """More than 1 point (and more than one image) counts as a difference."""
-    return max(0.01, 1.0 / max(1, n))
-
-
 # ------------------------------------------------------------------ one cascade attack
 def _gradient(loss_model, check, x, y, ids, eps, *, steps, restarts, targets, restarts_t, seed, tag, batch):
     """APGD-CE, then APGD-T on what survived; returns (broken bool [N] on the CPU, x_adv [N])."""
@@ -338,7 +333,7 @@ def gap_checks(ev: dict) -> dict:
 
 
 # ------------------------------------------------------------------ the API
-def test_prefix(dataset, budget: Budget, attacks):
+def attack_prefix(dataset, budget: Budget, attacks):
     """(x, y, x_seed, num_classes): the first budget.n test images, and the substitute's seed images
     from the end of the test set, disjoint from them."""
     if isinstance(dataset, tuple):
@@ -371,7 +366,7 @@ def evaluate(model: nn.Module, dataset, attacks=DEFAULT_ATTACKS, *, eps: float |
     images are attacked. ``eps`` defaults to 0.3 for 1-channel inputs and 8/255 else."""
     budget = (budget or Budget()).validate()
     attacks = check_attacks(attacks)
-    x, y, x_seed, num_classes = test_prefix(dataset, budget, attacks)
+    x, y, x_seed, num_classes = attack_prefix(dataset, budget, attacks)
     eps = eps if eps is not None else default_eps(x)
     return evaluate_model(model, x, y, eps=eps, budget=budget, attacks=attacks, seed=seed, sources=sources,
                           x_seed=x_seed, num_classes=num_classes, attack_grad=attack_grad, sweep=sweep,
@@ -387,7 +382,7 @@ def evaluate_models(models: dict, dataset, attacks=DEFAULT_ATTACKS, *, eps: floa
     ``cached`` holds results of a resumed run: those models only serve as transfer sources."""
     budget = (budget or Budget()).validate()
     attacks = check_attacks(attacks)
-    x, y, x_seed, num_classes = test_prefix(dataset, budget, attacks)
+    x, y, x_seed, num_classes = attack_prefix(dataset, budget, attacks)
     eps = eps if eps is not None else default_eps(x)
     cands = {}
     if "transfer" in attacks and len(models) > 1:

@@ -14,9 +14,6 @@ import torch
 
 from .common import ce_loss, device_of, dlr_loss, dlr_targeted_loss, example_uniform
 
-LOSSES = ("ce", "dlr", "dlr-t")
-
-
 def _loss(name, logits, y, target):
     if name == "ce":
         return ce_loss(logits, y)
