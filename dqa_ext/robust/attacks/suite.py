@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..models import learned_steps
+from ..train import default_eps
 from .adaptive import Variant, annealed_twin, has_quantizers
 from .budget import AttackError, Budget
 from .common import device_of, input_gradients_only, predict
@@ -353,10 +354,6 @@ def attack_prefix(dataset, budget: Budget, attacks):
     return x_all[:n], y_all[:n], x_seed, num_classes
 
 
-def default_eps(x: torch.Tensor) -> float:
-    return 0.3 if x.shape[1] == 1 else 8 / 255
-
-
 def evaluate(model: nn.Module, dataset, attacks=DEFAULT_ATTACKS, *, eps: float | None = None,
              budget: Budget | None = None, attack_grad: str = "bpda", sweep: bool = True, sweep_eps=None,
              seed: int = 0, sources=None, log=print) -> dict:
@@ -367,7 +364,7 @@ def evaluate(model: nn.Module, dataset, attacks=DEFAULT_ATTACKS, *, eps: float |
     budget = (budget or Budget()).validate()
     attacks = check_attacks(attacks)
     x, y, x_seed, num_classes = attack_prefix(dataset, budget, attacks)
-    eps = eps if eps is not None else default_eps(x)
+    eps = eps if eps is not None else default_eps(tuple(x.shape[1:]))
     return evaluate_model(model, x, y, eps=eps, budget=budget, attacks=attacks, seed=seed, sources=sources,
                           x_seed=x_seed, num_classes=num_classes, attack_grad=attack_grad, sweep=sweep,
                           sweep_eps=sweep_eps, log=log)
@@ -383,7 +380,7 @@ def evaluate_models(models: dict, dataset, attacks=DEFAULT_ATTACKS, *, eps: floa
     budget = (budget or Budget()).validate()
     attacks = check_attacks(attacks)
     x, y, x_seed, num_classes = attack_prefix(dataset, budget, attacks)
-    eps = eps if eps is not None else default_eps(x)
+    eps = eps if eps is not None else default_eps(tuple(x.shape[1:]))
     cands = {}
     if "transfer" in attacks and len(models) > 1:
         for name, m in models.items():
