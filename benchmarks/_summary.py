@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 
 import torch
@@ -227,10 +228,16 @@ def targets(col, device):
                                _ratio(k("f32", peer, "fwdbwd"), k("f32", "ext", "fwdbwd")), limit, better))
         limit = 0.15
     else:
-        for dtype in ("f32", "bf16"):
-            for p, limit in (("fwd", 0.85), ("bwd_step", 0.80)):
-                out.append(_target(f"{dtype} {key} {p}: fraction of copy bandwidth >= {limit:.0%}",
-                                   _ratio(k(dtype, "copy", p), k(dtype, "ext", p)), limit, "ge", "%copy"))
+        dims = ",".join(map(str, SHAPES[KEY_SHAPE][0]))
+        # The bandwidth targets hold in every dtype, layout and granularity of the key shape.
+        for dtype in ("f32", "f16", "bf16"):
+            for layout in ("nchw", "cl"):
+                for gran in ("pc", "pt"):
+                    for p, limit in (("fwd", 0.85), ("bwd_step", 0.80)):
+                        ext = col.t(device, dtype, KEY_SHAPE, gran, layout, "ext", p)
+                        out.append(_target(f"{dtype} [{dims}] {gran} {layout} {p}: fraction of copy bandwidth "
+                                           f">= {limit:.0%}", _ratio(k(dtype, "copy", p), ext), limit, "ge", "%copy"))
+        for dtype in ("f32", "f16", "bf16"):
             out.append(_target(f"{dtype} {key} bwd: speed-up over torch_fq backward >= 2",
                                _ratio(k(dtype, "torch_fq", "bwd_step"), k(dtype, "ext", "bwd_step")), 2, "ge"))
             out.append(_target(f"{dtype} {key} fwd+bwd: speed-up over compile > 1",
@@ -274,8 +281,18 @@ def machine_name(device):
 def device_text(device):
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
-        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+        return (f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+                f"driver {_driver_version()}, CUDA {torch.version.cuda}")
     return f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+
+
+def _driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def environment(device, settings):

@@ -136,6 +136,12 @@ def grad_input(v, dy, s, qmin, qmax):
     return select((v > qmin) & (v < qmax), dy, s * 0.0)
 
 
+def cast(t, dtype):
+    """The float32 result in x's dtype. A no-op .to() is skipped: at the end of an
+    autograd.Function's forward, torch 2.11's torch.compile gives that function zero gradients."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def grad_step_term(v, qmin, qmax):
     return select(v <= qmin, float(qmin), select(v >= qmax, float(qmax), rne(v) - v))
 
@@ -144,7 +150,7 @@ def grad_step_term(v, qmin, qmax):
 
 def fake_quantize_forward(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0):
     s, _ = _prepare(x, step, qmin, qmax, channel_dim)
-    return quantize(scaled(x.float(), s), s, float(qmin), float(qmax)).to(x.dtype)
+    return cast(quantize(scaled(x.float(), s), s, float(qmin), float(qmax)), x.dtype)
 
 
 def fake_quantize_backward(grad_y, x, step, qmin, qmax, channel_dim=1, grad_scale=1.0,
@@ -154,7 +160,7 @@ def fake_quantize_backward(grad_y, x, step, qmin, qmax, channel_dim=1, grad_scal
     check_backward_args(grad_y, x, grad_scale)
     v = scaled(x.float(), s)
     dy = grad_y.float()
-    dx = grad_input(v, dy, s, float(qmin), float(qmax)).to(x.dtype)
+    dx = cast(grad_input(v, dy, s, float(qmin), float(qmax)), x.dtype)
     if not need_step_grad:
         return dx, step.new_empty(0)
     terms = (dy * grad_step_term(v, qmin, qmax)).double()

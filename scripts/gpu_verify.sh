@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The CUDA verification for a lent GPU (sized for one H200 and an 8-minute command): builds
-# dqa_ext for the GPU's arch only, runs the CUDA tests, compute-sanitizer (memcheck, racecheck,
-# initcheck, synccheck) over every kernel path, and the CUDA benchmarks against the peers, and
-# writes everything into ONE results folder of at most 7 files:
-#   SUMMARY.md        each step: status, seconds, the tail of its log when it failed; environment
-#   logs.tar.gz       every step's full log, the JUnit XML of the tests, nvidia-smi
-#   bench/*.md|json   the benchmark tables and record (benchmarks/conftest.py writes them)
-#   bench_compile/*   the same for torch.compile against ext on the key case
-#   FAILED            the names of the failed steps (absent when all passed)
-# No step stops the run: a failure is recorded and the next step runs; each step has its own
-# timeout, cut to what is left of the overall deadline (DQA_GPU_DEADLINE_S, default 450 s).
+# The CUDA verification for a lent GPU (sized for one H200 and a 10-minute command): builds
+# dqa_ext for the GPU's arch only; then at once the CUDA tests, compute-sanitizer (memcheck,
+# racecheck, initcheck, synccheck) over every kernel path and, when the robustness extras' wheels
+# are in .whl/robust/, `dqa reproduce` on the GPU; then, on a quiet GPU, the CUDA benchmarks
+# against the peers (kernels and training steps) and the profiles behind the targets (ncu on the
+# kernels, torch.profiler on a ResNet-20 step). Everything lands in ONE results folder of at most
+# 8 files:
+#   SUMMARY.md          each step: status, seconds, the tail of its log when it failed; environment
+#   logs.tar.gz         every step's full log, the JUnit XML of the tests, nvidia-smi, the profiles,
+#                       the benchmark tables of the other activation shapes (bench_more/)
+#   bench/*.md|json     the benchmark tables and record (benchmarks/conftest.py writes them)
+#   bench_compile/*     the same for torch.compile against ext on the key case
+#   reproduce.tar.gz    dqa reproduce's report, results and per-model evaluations (no checkpoints)
+#   FAILED              the names of the failed steps (absent when all passed)
+# A failed build ends the run (nothing after it could pass); any other failure is recorded and the
+# next step runs; each step has its own timeout, cut to what is left of the overall deadline
+# (DQA_GPU_DEADLINE_S, default 540 s).
 # Without a GPU (or with --dry-run) it runs the host steps and stops before the first step that
 # needs one, saying so.
 #
@@ -33,7 +39,7 @@ out="${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$out/logs" || exit 1
 out="$(cd "$out" && pwd)"
 logs="$out/logs"
-deadline_s="${DQA_GPU_DEADLINE_S:-450}"
+deadline_s="${DQA_GPU_DEADLINE_S:-540}"
 started=$SECONDS
 # Each step appends its row to steps.md (background steps too) and its name to failed.txt.
 rows="$out/steps.md"
@@ -149,10 +155,25 @@ export repo
 export -f wheels
 if step wheels 90 bash -c wheels && [[ -d /tmp/dqa-site ]]; then export PYTHONPATH="/tmp/dqa-site${PYTHONPATH:+:$PYTHONPATH}"; fi
 
-# The kernel test files (the robustness suite's need ART and mlxtend, absent on a lent machine);
-# in them, every test whose id or file names cuda (DEVICES-parametrised tests included).
+# The robustness extras (ART, mlxtend; absent on a lent machine) from .whl/robust/, for
+# `dqa reproduce` on the GPU.
+robust() {
+  compgen -G "$repo/.whl/robust/*.whl" >/dev/null || { echo "no .whl/robust/: dqa reproduce will not run"; return 1; }
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/dqa-robust "$repo"/.whl/robust/*.whl || return 1
+  echo "installed into /tmp/dqa-robust: $(ls "$repo"/.whl/robust | tr '\n' ' ')"
+}
+export -f robust
+have_robust=0
+if ((dry_run == 0)) && compgen -G "$repo/.whl/robust/*.whl" >/dev/null && step robust 60 bash -c robust; then
+  have_robust=1
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/dqa-robust"
+fi
+
+# The kernel test files and convert's (the robustness suite's need ART and mlxtend); in them,
+# every test whose id or file names cuda (DEVICES-parametrised tests included).
 kernel_tests=()
-for f in test_cuda_kernels test_layouts test_math test_module test_compile test_errors; do
+for f in test_cuda_kernels test_layouts test_math test_module test_compile test_errors test_convert; do
   kernel_tests+=("$repo/tests/$f.py")
 done
 # They import and collect (catches an import error before any GPU minute is spent).
@@ -182,7 +203,10 @@ fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 # Non-editable install; Python then runs from outside the checkout so that the installed package
 # (with its _C) is the one imported, not the source tree's dqa_ext/.
-step build 300 "$py" -m pip install -v --no-build-isolation --no-deps --no-index "$repo"
+if ! step build 300 "$py" -m pip install -v --no-build-isolation --no-deps --no-index "$repo"; then
+  echo "| everything after the build | not run: the build failed | 0 |" >>"$rows"
+  finish "stopped: the build failed"
+fi
 cd "$out" || exit 1
 # The installed package has CUDA kernels (else every CUDA test would skip and pass).
 step backend_info 60 "$py" -c 'import json, dqa_ext
@@ -190,8 +214,15 @@ from dqa_ext import _backend
 print(json.dumps(dqa_ext.backend_info(), indent=2, default=str))
 assert _backend.BUILT_FOR["cuda"], "dqa_ext was built without its CUDA kernels"'
 
+# At once, none of them timed: the CUDA tests, the four sanitizers (one GPU, four processes) and
+# dqa reproduce. The benchmarks wait for all of them.
 step pytest_cuda 200 "$py" -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -k cuda \
-  --junitxml="$logs/pytest_cuda.xml" "${kernel_tests[@]}"
+  --junitxml="$logs/pytest_cuda.xml" "${kernel_tests[@]}" &
+if ((have_robust)); then
+  # The default preset on the GPU (bf16 autocast in training); its timing is shared with the
+  # tests and sanitizers running beside it. Checkpoints stay behind (they are reproducible).
+  step reproduce 210 env OMP_NUM_THREADS=4 "$py" -u -m dqa_ext reproduce --out "$out/reproduce" --device cuda &
+fi
 
 # compute-sanitizer, the four tools at once (one GPU, four processes): small cases of every path.
 san="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
@@ -206,17 +237,38 @@ else
     step "sanitizer_$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" \
       --error-exitcode 1 "$py" "$repo/scripts/gpu_sanitize_paths.py" "${extra[@]}" &
   done
-  wait
+fi
+wait
+if [[ -d "$out/reproduce" ]]; then  # what it wrote, finished or not (per-model evaluations resume)
+  tar -czf "$out/reproduce.tar.gz" -C "$out" --exclude=reproduce/models reproduce && rm -rf "$out/reproduce"
 fi
 
-# The CUDA benchmarks against the peers, short: the ResNet-50 and ResNet-20 shapes, every dtype,
-# layout and granularity, without torch.compile (seconds per graph); then torch.compile against
-# ext on the key case of every dtype, apart, so that a slow compile cannot cost the first table.
-step bench_cuda 120 env DQA_BENCH_COMPILE=0 "$py" -m pytest -q -p no:cacheprovider \
-  "$repo/benchmarks/test_bench_ops.py" -k "cuda and (r50a or r20c)" \
+# The CUDA benchmarks against the peers, short: the key shape [32,64,56,56] and ResNet-20's last
+# stage, every dtype, layout and granularity, without torch.compile (seconds per graph), and the
+# training steps (ResNet-20 at batch 256); torch.compile against ext on the key case, apart, so
+# that a slow compile cannot cost the first table; the profiles; then the other activation
+# shapes (ResNet-50 with 256 channels, ResNet-20's first stage) into the logs.
+step bench_cuda 150 env DQA_BENCH_COMPILE=0 "$py" -m pytest -q -p no:cacheprovider \
+  "$repo/benchmarks/test_bench_ops.py" "$repo/benchmarks/test_bench_training.py" \
+  -k "cuda and (r50a or r20c or resnet20 or mnist_cnn)" \
   --bench-budget 0.05 --bench-write --bench-results "$out/bench"
 step bench_cuda_compile 90 env DQA_BENCH_COMPILE=key "$py" -m pytest -q -p no:cacheprovider \
   "$repo/benchmarks/test_bench_ops.py" -k "cuda and r50a and pc and nchw and (ext or compile)" \
   --bench-budget 0.05 --bench-write --bench-results "$out/bench_compile"
+step profile_training 60 "$py" "$repo/scripts/gpu_profile.py" training
+ncu="$(command -v ncu || true)"
+[[ -n "$ncu" ]] || ncu="${CUDA_HOME:-/usr/local/cuda}/bin/ncu"
+if [[ -x "$ncu" ]]; then
+  # Each dqa_ext kernel of the key case: duration, DRAM bytes and throughput against the peak,
+  # occupancy. Clocks left as they are (the benchmarks ran at the same clocks).
+  step profile_ncu 90 "$ncu" --clock-control none --kernel-name-base demangled -k regex:dqa_cuda \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__block_size,launch__registers_per_thread \
+    --csv --print-units base "$py" "$repo/scripts/gpu_profile.py" kernels
+else
+  record profile_ncu "FAILED: ncu not found" 0
+fi
+step bench_cuda_more 90 env DQA_BENCH_COMPILE=0 "$py" -m pytest -q -p no:cacheprovider \
+  "$repo/benchmarks/test_bench_ops.py" -k "cuda and (r50b or r20a)" \
+  --bench-budget 0.05 --bench-write --bench-results "$logs/bench_more"
 
 finish "ran on the GPU"

@@ -43,9 +43,13 @@ def art_classifier(model: nn.Module, input_shape, num_classes: int):
     from art.estimators.classification import PyTorchClassifier
 
     dev = device_of(model)
-    return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
-                             nb_classes=num_classes, clip_values=(0.0, 1.0),
-                             device_type="gpu" if dev.type == "cuda" else "cpu")
+    if dev.type != "cuda":
+        return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
+                                 nb_classes=num_classes, clip_values=(0.0, 1.0), device_type="cpu")
+    # ART takes torch.cuda.current_device() and moves the model there: make that the model's GPU.
+    with torch.cuda.device(dev):
+        return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
+                                 nb_classes=num_classes, clip_values=(0.0, 1.0), device_type="gpu")
 
 
 def _bounded(name: str, clf, eps: float, b: Budget):

@@ -160,6 +160,7 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
     {name: transfer candidates indexed by test-set index} from the other models of the run."""
     b = budget.validate()
     attacks = check_attacks(attacks)
+    x, y = x.detach().float().cpu(), y.long().cpu()  # moved to the model's device batch by batch
     n = len(x)
     ids = torch.arange(n) if ids is None else torch.as_tensor(ids)
     dev = device_of(model)
