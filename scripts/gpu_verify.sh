@@ -5,12 +5,12 @@
 # are in .whl/robust/, `dqa reproduce` on the GPU; then, on a quiet GPU, the CUDA benchmarks
 # against the peers (kernels and training steps) and the profiles behind the targets (ncu on the
 # kernels, torch.profiler on a ResNet-20 step). Everything lands in ONE results folder of at most
-# 8 files:
+# 6 files (a lent machine returns at most 8):
 #   SUMMARY.md          each step: status, seconds, the tail of its log when it failed; environment
 #   logs.tar.gz         every step's full log, the JUnit XML of the tests, nvidia-smi, the profiles,
-#                       the benchmark tables of the other activation shapes (bench_more/)
+#                       the benchmark tables of torch.compile (bench_compile/) and of the other
+#                       activation shapes (bench_more/)
 #   bench/*.md|json     the benchmark tables and record (benchmarks/conftest.py writes them)
-#   bench_compile/*     the same for torch.compile against ext on the key case
 #   reproduce.tar.gz    dqa reproduce's report, results and per-model evaluations (no checkpoints)
 #   FAILED              the names of the failed steps (absent when all passed)
 # A failed build ends the run (nothing after it could pass); any other failure is recorded and the
@@ -207,7 +207,10 @@ if ! step build 300 "$py" -m pip install -v --no-build-isolation --no-deps --no-
   echo "| everything after the build | not run: the build failed | 0 |" >>"$rows"
   finish "stopped: the build failed"
 fi
-cd "$out" || exit 1
+# From a scratch folder: Python then imports the installed package (with its _C), not the source
+# tree's dqa_ext/, and what the tools leave in their working folder (.hypothesis/) stays out of $out.
+work="$(mktemp -d)"
+cd "$work" || exit 1
 # The installed package has CUDA kernels (else every CUDA test would skip and pass).
 step backend_info 60 "$py" -c 'import json, dqa_ext
 from dqa_ext import _backend
@@ -254,7 +257,7 @@ step bench_cuda 150 env DQA_BENCH_COMPILE=0 "$py" -m pytest -q -p no:cacheprovid
   --bench-budget 0.05 --bench-write --bench-results "$out/bench"
 step bench_cuda_compile 90 env DQA_BENCH_COMPILE=key "$py" -m pytest -q -p no:cacheprovider \
   "$repo/benchmarks/test_bench_ops.py" -k "cuda and r50a and pc and nchw and (ext or compile)" \
-  --bench-budget 0.05 --bench-write --bench-results "$out/bench_compile"
+  --bench-budget 0.05 --bench-write --bench-results "$logs/bench_compile"
 step profile_training 60 "$py" "$repo/scripts/gpu_profile.py" training
 ncu="$(command -v ncu || true)"
 [[ -n "$ncu" ]] || ncu="${CUDA_HOME:-/usr/local/cuda}/bin/ncu"
