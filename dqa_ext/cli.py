@@ -13,7 +13,8 @@ import shlex
 import sys
 
 # What `dqa attack`, `report` and `reproduce` write into --out (checked before any work).
-REPORT_FILES = ("results.json", "report.md", "acc_vs_eps.png", "steps.png")
+# report.FILES (spelled out: importing the report loads the attacks; a test keeps them equal)
+REPORT_FILES = ("results.json", "report.md", "acc_vs_eps.png", "steps.png", "robust_vs_bits.png")
 
 
 class UsageError(Exception):
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(a)
     a.add_argument("--attacks", default=None,
                    help="comma-separated names (default: the adaptive suite apgd_ce,apgd_t,twin_clip,twin_sig_low,"
-                        "twin_sig_high,bpda_sig,square,transfer and the paper's fgsm,pgd,cw,zoo,substitute,pgd_zero; "
+                        "twin_sig_high,bpda_sig,twin_anneal,square,transfer and the paper's fgsm,pgd,cw,zoo,substitute,pgd_zero; "
                         "cross-checks against ART: apgd_art,square_art,cw_art)")
     a.add_argument("--eps", type=float, help="L-inf epsilon (default 0.3 MNIST, 8/255 CIFAR-10)")
     a.add_argument("--attack-grad", choices=["bpda", "zero"], default="bpda",
@@ -173,6 +174,7 @@ def _cmd_attack(ns) -> int:
     import time
 
     from .robust.attacks import ATTACKS, DEFAULT_ATTACKS, Budget, evaluate_models
+    from .robust.attacks.shard import leave_process_group, shard_from_env
     from .robust.data import load_dataset
     from .robust.outputs import check_output_dir
     from .robust.report import write_report
@@ -196,6 +198,9 @@ def _cmd_attack(ns) -> int:
     device = resolve_device(ns.device)
     check_output_dir(ns.out, REPORT_FILES, what="--out")
     _need("art", "matplotlib")
+    # Under torchrun every rank attacks its share of the images (the same per-example results as
+    # one process) and rank 0 writes the report.
+    shard, device = shard_from_env(device)
     # Every checkpoint is read and checked before the first attack runs.
     loaded = [(path, load_model(path, device)) for path in ns.checkpoints]
     ds = load_dataset(ns.data, ns.data_dir)
@@ -212,7 +217,11 @@ def _cmd_attack(ns) -> int:
         named[name] = (path, model)
     # Every model is also attacked with the others' adversarial points (transfer).
     evals = evaluate_models({k: m for k, (_, m) in named.items()}, ds, attacks=attacks, eps=ns.eps, budget=budget,
-                            attack_grad=ns.attack_grad, sweep=not ns.no_sweep, sweep_eps=ns.sweep_eps, seed=ns.seed)
+                            attack_grad=ns.attack_grad, sweep=not ns.no_sweep, sweep_eps=ns.sweep_eps, seed=ns.seed,
+                            shard=shard)
+    if not shard.main:
+        leave_process_group()
+        return 0
     models = []
     for name, (path, model) in named.items():
         meta = model.dqa_meta
@@ -221,10 +230,11 @@ def _cmd_attack(ns) -> int:
                        "train": {"history": meta["history"], "config": meta["config"]}})
     results = {"tool": "dqa_ext.robust", "command": "dqa " + shlex.join(sys.argv[1:] if ns._argv is None else ns._argv),
                "settings": {"data": ds.describe(), "eps": models[0]["eval"]["eps"], "attack_grad": ns.attack_grad,
-                            "attacks": attacks, "device": str(device)},
+                            "attacks": attacks, "device": str(device), "processes": shard.world},
                "provenance": provenance(ns.seed), "models": models, "wall_seconds": time.time() - t0}
     paths = write_report(results, ns.out)
     print(f"wrote {paths['report']}")
+    leave_process_group()
     return 0
 
 
@@ -289,6 +299,9 @@ def _cmd_reproduce(ns) -> int:
     reproduce(preset=ns.preset, out=ns.out, data_dir=ns.data_dir, device=ns.device, seed=ns.seed,
               resume=ns.resume, budget_overrides=budget, command="dqa " + shlex.join(argv), force=ns.force,
               quick=ns.quick)
+    from .robust.attacks.shard import leave_process_group
+
+    leave_process_group()  # under torchrun (training joined the group)
     return 0
 
 

@@ -94,3 +94,28 @@ def test_load_results_refuses_what_the_report_cannot_read(tmp_path, content, mat
     (tmp_path / "results.json").write_text(content)
     with pytest.raises(UserError, match=match):
         load_results(tmp_path)
+
+
+def test_bits_figure_for_a_matrix_of_bit_widths_and_none_for_one(tmp_path):
+    from dqa_ext.robust.report import plot_bits
+
+    def model(act, training, wc):
+        return {"name": f"{act}-{training}", "activation": act, "training": training, "eval": _eval(wc)}
+
+    results = {"command": "dqa reproduce --preset matrix", "settings": {"data": "mnist5k", "eps": 0.3},
+               "models": [model("relu", "pgd", 0.3), model("relu", "standard", 0.0)]
+               + [model(f"{fam}{b}", t, 0.1 * b) for fam in ("fixed", "dqa") for b in (1, 2, 3)
+                  for t in ("standard", "pgd")]}
+    paths = write_report(results, tmp_path / "matrix")
+    assert paths["bits"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![robust accuracy against bits](robust_vs_bits.png)" in paths["report"].read_text()
+    two_bits = dict(results, models=[m for m in results["models"] if m["activation"] in ("relu", "fixed2", "dqa2")])
+    assert not plot_bits(two_bits, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+    assert "bits" not in write_report(two_bits, tmp_path / "default")
+
+
+def test_the_cli_checks_every_file_the_report_writes():
+    from dqa_ext.cli import REPORT_FILES
+    from dqa_ext.robust.report import FILES
+
+    assert REPORT_FILES == FILES

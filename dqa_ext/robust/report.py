@@ -9,13 +9,14 @@ Each names the numbers that raised it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .attacks import CASCADE, DESCRIPTIONS, LABELS
 from .attacks.paper import MINIMAL_L2, PAPER
 from .errors import UserError
 
-FILES = ("results.json", "report.md", "acc_vs_eps.png", "steps.png")
+FILES = ("results.json", "report.md", "acc_vs_eps.png", "steps.png", "robust_vs_bits.png")
 
 
 def _tol(n: int) -> float:
@@ -175,7 +176,8 @@ def markdown(results: dict, plots: dict) -> str:
     lines = ["# dqa_ext robustness report", "",
              f"Command: `{results.get('command', '?')}`  ",
              f"Data: {s.get('data', '?')}; L-inf epsilon {s['eps']:g}; wall time "
-             f"{_minutes(results.get('wall_seconds', 0))}.", "",
+             f"{_minutes(results.get('wall_seconds', 0))}"
+             + (f" on {s['processes']} processes" if s.get("processes", 1) > 1 else "") + ".", "",
              "## Robust accuracy under adaptive attack", ""] + headline_table(results)
     lines += ["", "## The adaptive suite, attack by attack", ""] + cascade_table(results)
     paper = paper_table(results)
@@ -186,6 +188,10 @@ def markdown(results: dict, plots: dict) -> str:
         fl = m.get("flags", [])
         lines.append(f"- **{m['name']}**: " + ("none" if not fl else "; ".join(fl)))
     lines.append("")
+    if plots.get("bits"):
+        lines += ["## Robust accuracy against activation bits", "", f"![robust accuracy against bits]({plots['bits']})",
+                  "", "Left, the adaptive worst case; right (when the paper's PGD ran), the paper's evaluation "
+                  "(PGD with straight-through gradients) of the same models. Horizontal lines: the ReLU models.", ""]
     if plots.get("eps"):
         lines += ["## Accuracy against epsilon", "", f"![accuracy against epsilon]({plots['eps']})", ""]
     if plots.get("steps"):
@@ -240,6 +246,70 @@ def plot_eps(results: dict, path: Path) -> bool:
     return True
 
 
+_FAMILY = re.compile(r"^(fixed|dqa)(\d+)$")
+_FAMILY_NAMES = {"fixed": "fixed step", "dqa": "learned step (DQA)"}
+
+
+def _pgd_alone(ev):
+    r = ev.get("paper", {}).get("pgd")
+    return None if r is None else r["acc"]
+
+
+def plot_bits(results: dict, path: Path) -> bool:
+    """Robust accuracy against the activations' bits, one line per family (fixed, dynamic) and
+    training, the ReLU models as horizontal lines: the adaptive worst case and, beside it, PGD
+    alone. Only for runs with quantized models at two bit widths or more."""
+    from matplotlib.figure import Figure
+
+    lines, relu = {}, {}
+    for m in results["models"]:
+        act, training = m.get("activation", ""), m.get("training", "")
+        found = _FAMILY.match(act)
+        if found:
+            lines.setdefault((found[1], training), []).append((int(found[2]), m["eval"]))
+        elif act == "relu":
+            relu[training] = m["eval"]
+    if len({b for pts in lines.values() for b, _ in pts}) < 2:
+        return False
+    panels = [(lambda ev: ev["worst_case"]["acc"], "adaptive worst case (every attack of the report)")]
+    if any(_pgd_alone(ev) is not None for pts in lines.values() for _, ev in pts):
+        panels.append((_pgd_alone, "PGD alone, straight-through (the paper's evaluation)"))
+    fig = Figure(figsize=(5 * len(panels), 4.2))
+    axes = [fig.add_subplot(1, len(panels), k + 1) for k in range(len(panels))]
+    bits = sorted({b for pts in lines.values() for b, _ in pts})
+    handles = {}
+    for ax, (value, title) in zip(axes, panels):
+        for j, ((family, training), pts) in enumerate(sorted(lines.items())):
+            pts = sorted((b, value(ev)) for b, ev in pts if value(ev) is not None)
+            if not pts:
+                continue
+            marker, style = _STYLES[j % len(_STYLES)]
+            off = 0.6 * (j - (len(lines) - 1) / 2)  # lines that coincide (at 0%) stay visible
+            (h,) = ax.plot([b for b, _ in pts], [100 * v + off for _, v in pts], marker=marker, linestyle=style,
+                           color=f"C{j}", alpha=0.85)  # one colour per line in both panels
+            handles.setdefault(f"{_FAMILY_NAMES[family]}, {training} training", h)
+        for k, (training, ev) in enumerate(sorted(relu.items())):
+            v = value(ev)
+            if v is None:
+                continue
+            h = ax.axhline(100 * v, color="black" if training == "pgd" else "grey", linewidth=1,
+                           linestyle=("-", "--")[k % 2])
+            handles.setdefault(f"ReLU, {training} training", h)
+        ax.set_xticks(bits)
+        ax.set_xlabel("activation bits")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_ylim(-4, 106)
+        ax.set_title(title, fontsize=8)
+        ax.grid(alpha=0.3)
+    n = results["models"][0]["eval"]["n"]
+    fig.suptitle(f"Robust accuracy against activation bits (L-inf eps {results['settings']['eps']:g}, n={n}; "
+                 "coinciding lines offset by < 2 points)", fontsize=9)
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="lower center", ncol=3 if len(panels) > 1 else 2)
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    fig.savefig(path, dpi=110, format="png")
+    return True
+
+
 def plot_steps(results: dict, path: Path) -> bool:
     from matplotlib.figure import Figure
 
@@ -280,7 +350,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict:
         m["flags"] = masking_flags(m["eval"])
     write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
     plots = {}
-    for key, name, fn in (("eps", "acc_vs_eps.png", plot_eps), ("steps", "steps.png", plot_steps)):
+    for key, name, fn in (("eps", "acc_vs_eps.png", plot_eps), ("steps", "steps.png", plot_steps),
+                          ("bits", "robust_vs_bits.png", plot_bits)):
         tmp = out / f".{name}.render"
         try:
             if fn(results, tmp):

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 from .attacks import DEFAULT_ATTACKS, Budget, evaluate_models
+from .attacks.common import device_of
+from .attacks.shard import shard_from_env, world_from_env
 from .data import load_dataset
 from .errors import UserError
 from .outputs import write_text_atomic
@@ -148,7 +150,12 @@ def reproduce(preset: str = "default", out: str | Path = "dqa-report", data_dir:
               device: str = "auto", seed: int = 0, resume: bool = False, force: bool = False,
               budget_overrides: dict | None = None, command: str = "dqa reproduce", quick: bool = False,
               log=print) -> list[Path]:
-    """Run the preset's matrix; returns the report.md paths (one per dataset)."""
+    """Run the preset's matrix; returns the report.md paths (one per dataset).
+
+    Under torchrun, training is DDP and the evaluation sharded over the ranks (attacks/shard.py):
+    every rank runs this, rank 0 alone logs and writes (``out`` on a file system every node sees)."""
+    main = world_from_env()[1] == 0
+    log = log if main else (lambda *_: None)
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     P = quick_version(PRESETS[preset]) if quick else PRESETS[preset]
@@ -190,13 +197,17 @@ def reproduce(preset: str = "default", out: str | Path = "dqa-report", data_dir:
                                     "history": models[name].dqa_meta["history"],
                                     "config": models[name].dqa_meta["config"]}
         results["train_seconds"] = time.time() - t0
+        shard, _ = shard_from_env(device_of(next(iter(models.values()))))
+        settings["processes"] = shard.world
 
         # What an evaluation depends on besides the model: a resumed run reuses a saved evaluation
         # only if this matches, and refuses to mix settings otherwise.
         key = {"attacks": P["attacks"], "eps": eps, "seed": seed, "budget": budget.__dict__, "data": ds.describe()}
-        cached = _saved_evaluations(folder, models, key, resume, log)
+        cached = _saved_evaluations(folder, models, key, resume, log, main)
 
         def done(name, ev):
+            if not main:
+                return
             if name not in cached:
                 write_text_atomic(folder / "evals" / f"{name}.json",
                                   json.dumps({"key": key, "epoch": models[name].dqa_meta["epoch"], "eval": ev},
@@ -209,24 +220,27 @@ def reproduce(preset: str = "default", out: str | Path = "dqa-report", data_dir:
             write_report(results, folder)  # partial reports survive an interrupted run
 
         evaluate_models(models, ds, attacks=P["attacks"], eps=eps, budget=budget, seed=seed, log=log, on_result=done,
-                        cached=cached)
+                        cached=cached, shard=shard)
         results["wall_seconds"] = time.time() - t0
-        paths = write_report(results, folder)
-        log(f"wrote {paths['report']} ({results['wall_seconds']:.0f} s)")
-        reports.append(paths["report"])
+        if main:
+            paths = write_report(results, folder)
+            log(f"wrote {paths['report']} ({results['wall_seconds']:.0f} s)")
+            reports.append(paths["report"])
     log(f"done in {time.time() - t_all:.0f} s")
     return reports
 
 
-def _saved_evaluations(folder: Path, models: dict, key: dict, resume: bool, log) -> dict:
-    """The evaluations a resumed run can reuse: saved for the same model (epoch) and settings."""
+def _saved_evaluations(folder: Path, models: dict, key: dict, resume: bool, log, main: bool = True) -> dict:
+    """The evaluations a resumed run can reuse: saved for the same model (epoch) and settings
+    (``main``: this process may delete the stale ones; under torchrun only rank 0 does)."""
     cached = {}
     for name, model in models.items():
         path = folder / "evals" / f"{name}.json"
         if not path.is_file():
             continue
         if not resume:
-            path.unlink()  # a fresh run (checkpoints already refused or --force): start over
+            if main:
+                path.unlink()  # a fresh run (checkpoints already refused or --force): start over
             continue
         try:
             saved = json.loads(path.read_text())

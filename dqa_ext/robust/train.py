@@ -308,7 +308,9 @@ def train(config: TrainConfig, dataset=None, log=print, on_epoch_end=None) -> nn
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            from .attacks.shard import TIMEOUT  # the evaluation that follows waits long at its gathers
+
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     if dataset is None:
         dataset = load_dataset(config.data, config.data_dir)
     cfg = config.resolved(dataset.input_shape)
@@ -423,6 +425,8 @@ def train(config: TrainConfig, dataset=None, log=print, on_epoch_end=None) -> nn
                          "scheduler": sched.state_dict() if sched is not None else None}, cfg.out)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
+    if distributed:  # rank 0's checkpoint is on disk before any rank goes on (a PGD run starts from it)
+        dist.barrier()
     model.eval()
     model.dqa_meta = dict(meta, epoch=cfg.epochs, history=history, epochs_run=cfg.epochs - start_epoch)
     return model

@@ -35,6 +35,7 @@ from .budget import AttackError, Budget
 from .common import device_of, input_gradients_only, predict
 from .paper import CROSS_CHECKS, LABELS as PAPER_LABELS, PAPER, run_attack
 from .scorebased import square_linf
+from .shard import Shard
 from .transfer import transfer, transfer_candidates
 from .whitebox import apgd
 
@@ -153,13 +154,16 @@ def _budget_keys(name: str) -> list[str]:
 # ------------------------------------------------------------------ the evaluation of one model
 def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budget, attacks=DEFAULT_ATTACKS,
                    seed: int = 0, sources=None, x_seed=None, num_classes: int = 10, attack_grad: str = "bpda",
-                   sweep: bool = True, sweep_eps=None, log=print) -> dict:
+                   sweep: bool = True, sweep_eps=None, log=print, shard: Shard | None = None) -> dict:
     """Attack one classifier (logits out, pixels in [0, 1]) on (x, y); returns a JSON-ready result.
 
     ids: each image's index in the test set (keys the random streams; default 0..n-1). sources:
-    {name: transfer candidates indexed by test-set index} from the other models of the run."""
+    {name: transfer candidates indexed by test-set index} from the other models of the run.
+    shard: under torchrun, this rank's part (shard.py); every rank calls this and gets the whole
+    result, per example the same as one process's."""
     b = budget.validate()
     attacks = check_attacks(attacks)
+    shard = shard or Shard()
     x, y = x.detach().float().cpu(), y.long().cpu()  # moved to the model's device batch by batch
     n = len(x)
     ids = torch.arange(n) if ids is None else torch.as_tensor(ids)
@@ -171,43 +175,75 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
     out = {"eps": eps, "n": n, "seed": seed, "attack_grad": attack_grad, "quantized": quantized,
            "clean": {"acc": float(clean.mean()), "n": n, "correct": clean.astype(int).tolist()},
            "budget": dataclasses.asdict(b), "paper": {}, "cascade": {}}
+    alone = shard.world == 1
+    quiet = (lambda *_: None)
 
-    # The paper's attacks, each on its own prefix.
-    for name in [a for a in attacks if a in PAPER + CROSS_CHECKS]:
-        k = {"cw": b.cw_n, "cw_art": b.cw_n, "zoo": b.zoo_n}.get(name, n)
-        k = min(k, n)
-        r = run_attack(name, model, x[:k], y[:k], eps, b, attack_grad=attack_grad, x_seed=x_seed, seed=seed,
-                       num_classes=num_classes)
-        out["paper"][name] = r
-        log(f"  {LABELS[name]:<24} acc {r['acc']:.3f} on {k} images ({r['seconds']:.1f}s)")
+    # The paper's attacks, each on its own prefix (sharded: each whole attack on one rank).
+    paper = [a for a in attacks if a in PAPER + CROSS_CHECKS]
+    mine = {}
+    for name in shard.tasks(paper):
+        k = min({"cw": b.cw_n, "cw_art": b.cw_n, "zoo": b.zoo_n}.get(name, n), n)
+        mine[name] = run_attack(name, model, x[:k], y[:k], eps, b, attack_grad=attack_grad, x_seed=x_seed,
+                                seed=seed, num_classes=num_classes)
+        if alone:
+            log(_paper_line(name, mine[name]))
+    found = {k: v for part in shard.gather(mine) for k, v in part.items()}
+    out["paper"] = {name: found[name] for name in paper}
+    if not alone:
+        for name in paper:
+            log(_paper_line(name, out["paper"][name]))
 
-    # The adaptive cascade.
-    robust = torch.from_numpy(clean.copy())
-    xd, yd = x.to(dev), y.to(dev)
+    # The adaptive cascade on this rank's images (all of them in one process).
+    part = shard.images(n)
+    robust = torch.from_numpy(clean[part.numpy()].copy())
+    xd, yd, pids = x[part].to(dev), y[part].to(dev), ids[part]
     order = [a for a in CASCADE if a in attacks and (quantized or a not in QUANT_AWARE)]
+    casc = {}
+    step_log = log if alone else quiet
     with input_gradients_only(model):
         for name in order:
-            out["cascade"][name] = _run_on_survivors(name, model, xd, yd, ids, robust, eps, b, seed, sources, log)
+            casc[name] = _run_on_survivors(name, model, xd, yd, pids, robust, eps, b, seed, sources, step_log)
         # Convergence: the strongest straight-through and the strongest quantization-aware attack
-        # (the ones that broke the most), again on the survivors with twice the steps and restarts.
+        # (the ones that broke the most over all ranks), again on the survivors with twice the
+        # steps and restarts.
+        broke = {a: sum(c[a] for c in shard.gather({a: casc[a]["broke"] for a in order})) for a in order}
         reruns = []
         for family in (STE, QUANT_AWARE):
             ran = [a for a in order if a in family]
             if ran:
-                reruns.append(max(ran, key=lambda a: out["cascade"][a]["broke"]))
+                reruns.append(max(ran, key=lambda a: broke[a]))
         for k, strongest in enumerate(reruns):
             label = "rerun_2x" if k == 0 else "rerun_2x_quant"
-            r = _run_on_survivors(strongest, model, xd, yd, ids, robust, eps, b.scaled(2), seed + 1, sources, log,
-                                  label=label)
+            r = _run_on_survivors(strongest, model, xd, yd, pids, robust, eps, b.scaled(2), seed + 1, sources,
+                                  step_log, label=label)
             r.update(rerun_of=strongest)
-            out["cascade"][label] = r
-        out["checks"] = {}
+            casc[label] = r
+        checks = {}
         if "apgd_ce" in attacks:
-            out["checks"]["sanity"] = _sanity(model, xd, yd, ids, clean, b, seed)
+            checks["sanity"] = _sanity_counts(model, xd, yd, pids, clean[part.numpy()], b, seed)
         if sweep:
             m = min(b.sweep_n, n)
-            out["checks"]["sweep"] = eps_sweep(model, xd[:m], yd[:m], ids[:m], sweep_eps or default_sweep(eps), b,
-                                               seed=seed, quantized=quantized)
+            first = part < m
+            eps_list = sweep_eps or default_sweep(eps)
+            checks["sweep"] = _sweep_counts(model, xd[first.to(dev)], yd[first.to(dev)], pids[first], eps_list, b,
+                                            seed=seed, quantized=quantized)
+    gathered = shard.gather((part.tolist(), casc, checks))
+    out["cascade"] = _merge_cascade([(idx, c) for idx, c, _ in gathered], clean)
+    if not alone:
+        for r in out["cascade"].values():
+            log(_cascade_line(r))
+    out["checks"] = {}
+    parts = [c for _, _, c in gathered]
+    if "apgd_ce" in attacks:
+        kept, total = (sum(p["sanity"][i] for p in parts) for i in (0, 1))
+        out["checks"]["sanity"] = ({"eps": b.sanity_eps, "acc": kept / n, "n": n, "steps": b.apgd_steps} if total
+                                   else {"eps": b.sanity_eps, "acc": 0.0, "n": 0})
+    if sweep:
+        m = min(b.sweep_n, n)
+        counts = [sum(p["sweep"][j] for p in parts) for j in range(len(eps_list))]
+        out["checks"]["sweep"] = {"eps": [float(e) for e in eps_list], "n": m, "acc": [c / m for c in counts],
+                                  "attack": "APGD-CE" + (" + twin (clip) APGD-CE" if quantized else ""),
+                                  "steps": b.sweep_steps}
     out["worst_case"] = worst_case(out)
     out["checks"].update(gap_checks(out))
     out["steps"] = learned_steps(model)
@@ -216,7 +252,18 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
     return out
 
 
+def _paper_line(name, r):
+    return f"  {LABELS[name]:<24} acc {r['acc']:.3f} on {r['n']} images ({r['seconds']:.1f}s)"
+
+
+def _cascade_line(r):
+    return (f"  {r['label']:<24} broke {r['broke']:>4} of {r['attacked']:>4} survivors -> {r['robust_after']:.3f} "
+            f"({r['seconds']:.1f}s)")
+
+
 def _run_on_survivors(name, model, xd, yd, ids, robust, eps, b, seed, sources, log, label=None):
+    """One cascade attack on the images still robust (``robust``, updated). ``status`` per image:
+    1 survived, 0 broken, None not attacked; ``robust_after`` is over these images."""
     t = time.time()
     label = label or name
     todo = torch.nonzero(robust).flatten()
@@ -234,24 +281,52 @@ def _run_on_survivors(name, model, xd, yd, ids, robust, eps, b, seed, sources, l
             status[i] = 0 if bk else 1
     r = {"attack": label, "label": LABELS[label], "attacked": len(todo), "broke": broke,
          "budget": {k: getattr(b, k) for k in _budget_keys(name)}, "status": status,
-         "robust_after": float(robust.float().mean()), "seconds": time.time() - t, **info}
+         "robust_after": float(robust.float().mean()) if len(robust) else 0.0, "seconds": time.time() - t, **info}
     if name == "transfer":
         r.setdefault("sources", list(sources or {}))  # also when no image was left to try them on
-    log(f"  {LABELS[label]:<24} broke {broke:>4} of {len(todo):>4} survivors -> {r['robust_after']:.3f} "
-        f"({r['seconds']:.1f}s)")
+    log(_cascade_line(r))
     return r
 
 
-def _sanity(model, xd, yd, ids, clean, b, seed):
-    """APGD-CE at a large epsilon (1.0 = the whole pixel range) must reach 0% on the clean-correct images."""
+def _merge_cascade(parts, clean) -> dict:
+    """The ranks' cascades as one: ``parts`` = [(image indices, {label: result on them})]. Statuses
+    go back to their images, counts add up, robust_after is recomputed over all n images."""
+    n = len(clean)
+    robust = np.asarray(clean, bool).copy()
+    merged = {}
+    for label in parts[0][1]:
+        rs = [(idx, c[label]) for idx, c in parts]
+        status = [None] * n
+        for idx, r in rs:
+            for i, st in zip(idx, r["status"]):
+                status[i] = st
+        # The details of the attack (surrogate, temperature, sources) from a rank that ran it: a rank
+        # whose images were all broken earlier has none.
+        r = dict(next((q for _, q in rs if q["attacked"]), rs[0][1]))
+        r.update(attacked=sum(q["attacked"] for _, q in rs), broke=sum(q["broke"] for _, q in rs), status=status,
+                 seconds=max(q["seconds"] for _, q in rs))  # wall time: the slowest rank
+        by = [q["broken_by"] for _, q in rs if "broken_by" in q]
+        if by:
+            r["broken_by"] = {k: sum(b.get(k, 0) for b in by) for k in dict.fromkeys(k for b in by for k in b)}
+        unverified = sum(q.get("unverified", 0) for _, q in rs)
+        if unverified:
+            r["unverified"] = unverified
+        robust &= np.array([st != 0 for st in status])
+        r["robust_after"] = float(robust.mean()) if n else 0.0
+        merged[label] = r
+    return merged
+
+
+def _sanity_counts(model, xd, yd, ids, clean, b, seed) -> tuple[int, int]:
+    """APGD-CE at a large epsilon (1.0 = the whole pixel range) on the clean-correct images: (images
+    it left robust, clean-correct images). It must leave none."""
     idx = torch.from_numpy(np.flatnonzero(clean))
     if not len(idx):
-        return {"eps": b.sanity_eps, "acc": 0.0, "n": 0}
+        return 0, 0
     di = idx.to(xd.device)
     broken, _ = apgd(model, xd[di], yd[di], ids[idx], b.sanity_eps, steps=b.apgd_steps, restarts=1, loss="ce",
                      seed=seed, tag="sanity", batch_size=b.batch_size)
-    return {"eps": b.sanity_eps, "acc": float(1 - broken.float().mean()) * len(idx) / len(clean), "n": len(clean),
-            "steps": b.apgd_steps}
+    return int((~broken).sum()), len(idx)
 
 
 def default_sweep(eps: float) -> list[float]:
@@ -259,11 +334,12 @@ def default_sweep(eps: float) -> list[float]:
     return [round(eps * f, 6) for f in (0.0, 1 / 3, 2 / 3, 1.0, 4 / 3)]
 
 
-def eps_sweep(model, xd, yd, ids, eps_list, b: Budget, *, seed=0, quantized=False) -> dict:
-    """Accuracy against epsilon under APGD-CE (straight-through) and, for quantized models, APGD-CE on
-    the clipped twin: an image counts if it survives both. It must fall as epsilon grows."""
-    clean = predict(model, xd, b.batch_size) == yd.cpu().numpy()
-    accs = []
+def _sweep_counts(model, xd, yd, ids, eps_list, b: Budget, *, seed=0, quantized=False) -> list[int]:
+    """Per epsilon, the images of (xd, yd) that survive APGD-CE (straight-through) and, for quantized
+    models, APGD-CE on the clipped twin: the accuracy-against-epsilon curve, which must fall as
+    epsilon grows."""
+    clean = predict(model, xd, b.batch_size) == yd.cpu().numpy() if len(xd) else np.zeros(0, bool)
+    counts = []
     for e in eps_list:
         robust = torch.from_numpy(clean.copy())
         if e > 0:
@@ -275,9 +351,8 @@ def eps_sweep(model, xd, yd, ids, eps_list, b: Budget, *, seed=0, quantized=Fals
                 broken, _ = apgd(loss_model, xd[dt], yd[dt], ids[todo], float(e), steps=b.sweep_steps, loss="ce",
                                  seed=seed, tag=f"sweep/{e}", check=check, batch_size=b.batch_size)
                 robust[todo[broken]] = False
-        accs.append(float(robust.float().mean()))
-    return {"eps": [float(e) for e in eps_list], "n": len(xd), "acc": accs,
-            "attack": "APGD-CE" + (" + twin (clip) APGD-CE" if quantized else ""), "steps": b.sweep_steps}
+        counts.append(int(robust.sum()))
+    return counts
 
 
 # ------------------------------------------------------------------ worst case and checks
@@ -373,21 +448,28 @@ def evaluate(model: nn.Module, dataset, attacks=DEFAULT_ATTACKS, *, eps: float |
 
 def evaluate_models(models: dict, dataset, attacks=DEFAULT_ATTACKS, *, eps: float | None = None,
                     budget: Budget | None = None, seed: int = 0, sweep: bool = True, sweep_eps=None,
-                    attack_grad: str = "bpda", log=print, on_result=None, cached=None) -> dict:
+                    attack_grad: str = "bpda", log=print, on_result=None, cached=None,
+                    shard: Shard | None = None) -> dict:
     """Evaluate several models of one run, each also under transfer from all the others.
 
     ``on_result(name, result)`` is called as each model finishes (reproduce saves it there);
-    ``cached`` holds results of a resumed run: those models only serve as transfer sources."""
+    ``cached`` holds results of a resumed run: those models only serve as transfer sources.
+    ``shard``: under torchrun, this rank's part (every rank calls this; only rank 0 logs and
+    should write), see shard.py."""
     budget = (budget or Budget()).validate()
     attacks = check_attacks(attacks)
+    shard = shard or Shard()
+    log = log if shard.main else (lambda *_: None)
     x, y, x_seed, num_classes = attack_prefix(dataset, budget, attacks)
     eps = eps if eps is not None else default_eps(tuple(x.shape[1:]))
     cands = {}
     if "transfer" in attacks and len(models) > 1:
+        part = shard.images(len(x))  # a rank's cascade only ever tries its own images' candidates
         for name, m in models.items():
             t = time.time()
-            cands[name] = transfer_candidates(m, x, y, torch.arange(len(x)), eps, steps=budget.transfer_steps,
-                                              seed=seed, batch_size=budget.batch_size)
+            cands[name] = x.clone()
+            cands[name][part] = transfer_candidates(m, x[part], y[part], part, eps, steps=budget.transfer_steps,
+                                                    seed=seed, batch_size=budget.batch_size)
             log(f"-- transfer candidates from {name} ({time.time() - t:.1f}s)")
     results = {}
     for name, m in models.items():
@@ -400,7 +482,7 @@ def evaluate_models(models: dict, dataset, attacks=DEFAULT_ATTACKS, *, eps: floa
         results[name] = evaluate_model(m, x, y, eps=eps, budget=budget, attacks=attacks, seed=seed,
                                        sources={k: v for k, v in cands.items() if k != name}, x_seed=x_seed,
                                        num_classes=num_classes, attack_grad=attack_grad, sweep=sweep,
-                                       sweep_eps=sweep_eps, log=log)
+                                       sweep_eps=sweep_eps, log=log, shard=shard)
         if on_result is not None:
             on_result(name, results[name])
     return results
