@@ -174,7 +174,8 @@ def _cmd_attack(ns) -> int:
     import time
 
     from .robust.attacks import ATTACKS, DEFAULT_ATTACKS, Budget, evaluate_models
-    from .robust.attacks.shard import leave_process_group, shard_from_env
+    from .robust.attacks.shard import shard_from_env
+    from .robust.distributed import leave_process_group
     from .robust.data import load_dataset
     from .robust.outputs import check_output_dir
     from .robust.report import write_report
@@ -299,7 +300,7 @@ def _cmd_reproduce(ns) -> int:
     reproduce(preset=ns.preset, out=ns.out, data_dir=ns.data_dir, device=ns.device, seed=ns.seed,
               resume=ns.resume, budget_overrides=budget, command="dqa " + shlex.join(argv), force=ns.force,
               quick=ns.quick)
-    from .robust.attacks.shard import leave_process_group
+    from .robust.distributed import leave_process_group
 
     leave_process_group()  # under torchrun (training joined the group)
     return 0

@@ -39,7 +39,8 @@ def _worker(rank, world, port, paths, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from dqa_ext.robust.attacks.shard import leave_process_group, shard_from_env
+    from dqa_ext.robust.attacks.shard import shard_from_env
+    from dqa_ext.robust.distributed import leave_process_group
 
     shard, _ = shard_from_env(torch.device("cpu"))
     assert (shard.rank, shard.world) == (rank, world)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from .attacks import DEFAULT_ATTACKS, Budget, evaluate_models
 from .attacks.common import device_of
-from .attacks.shard import shard_from_env, world_from_env
+from .attacks.shard import shard_from_env
+from .distributed import world_from_env
 from .data import load_dataset
 from .errors import UserError
 from .outputs import write_text_atomic

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DATASETS, load_dataset
+from .distributed import join, world_from_env
 from .errors import UserError
 from .models import ARCHS, build_model, default_arch, materialize, parse_activation
 from .outputs import check_output_file, save_torch_atomic
@@ -271,13 +271,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     return model
 
 
-def _dist_info():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, x, y, device, batch_size: int = 500) -> float:
     model.eval()
@@ -296,21 +289,11 @@ def train(config: TrainConfig, dataset=None, log=print, on_epoch_end=None) -> nn
     config.validate()
     check_output_file(config.out, what="--out")
     previous = _previous_checkpoint(config)
-    world, rank, local = _dist_info()
+    world, rank, _ = world_from_env()
     if previous is not None:  # before the process group and the data: a mismatch is found at once
         _check_resume_world_size(previous, world, config.out)
     distributed = world > 1
-    device = resolve_device(config.device)
-    if distributed:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            from .attacks.shard import TIMEOUT  # the evaluation that follows waits long at its gathers
-
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    device = join(resolve_device(config.device))
     if dataset is None:
         dataset = load_dataset(config.data, config.data_dir)
     cfg = config.resolved(dataset.input_shape)
@@ -426,7 +409,7 @@ def train(config: TrainConfig, dataset=None, log=print, on_epoch_end=None) -> nn
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
     if distributed:  # rank 0's checkpoint is on disk before any rank goes on (a PGD run starts from it)
-        dist.barrier()
+        torch.distributed.barrier()
     model.eval()
     model.dqa_meta = dict(meta, epoch=cfg.epochs, history=history, epochs_run=cfg.epochs - start_epoch)
     return model

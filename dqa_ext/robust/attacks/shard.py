@@ -12,11 +12,11 @@ writes files.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
+
+from ..distributed import join, world_from_env
 
 
 @dataclass(frozen=True)
@@ -48,36 +48,12 @@ class Shard:
         return out
 
 
-# Ranks wait for each other at each gather while one of them runs a long attack (ZOO, the
-# substitute): far longer than NCCL's default 10 minutes.
-TIMEOUT = timedelta(hours=12)
-
-
-def world_from_env() -> tuple[int, int, int]:
-    """(world size, rank, local rank) as torchrun sets them; (1, 0, 0) outside it."""
-    return (int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
-            int(os.environ.get("LOCAL_RANK", "0")))
-
-
 def shard_from_env(device: torch.device) -> tuple[Shard, torch.device]:
-    """Under torchrun: joins the process group (NCCL on CUDA, else gloo) unless already in one, and
-    returns this rank's shard and device (cuda:LOCAL_RANK for a CUDA run: load the models there,
-    after this call). Else (Shard(), device)."""
-    world, rank, local = world_from_env()
-    if world <= 1:
+    """Under torchrun: this rank's shard and device, after joining the process group
+    (distributed.join). Else (Shard(), device)."""
+    device = join(device)
+    if world_from_env()[0] <= 1:
         return Shard(), device
     import torch.distributed as dist
 
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return Shard(dist.get_rank(), dist.get_world_size()), device
-
-
-def leave_process_group() -> None:
-    """Waits for every rank, then leaves the process group (if this process joined one)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

@@ -221,10 +221,9 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
         checks = {}
         if "apgd_ce" in attacks:
             checks["sanity"] = _sanity_counts(model, xd, yd, pids, clean[part.numpy()], b, seed)
+        m, eps_list = min(b.sweep_n, n), sweep_eps or default_sweep(eps)  # the sweep's first images
         if sweep:
-            m = min(b.sweep_n, n)
             first = part < m
-            eps_list = sweep_eps or default_sweep(eps)
             checks["sweep"] = _sweep_counts(model, xd[first.to(dev)], yd[first.to(dev)], pids[first], eps_list, b,
                                             seed=seed, quantized=quantized)
     gathered = shard.gather((part.tolist(), casc, checks))
@@ -239,7 +238,6 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
         out["checks"]["sanity"] = ({"eps": b.sanity_eps, "acc": kept / n, "n": n, "steps": b.apgd_steps} if total
                                    else {"eps": b.sanity_eps, "acc": 0.0, "n": 0})
     if sweep:
-        m = min(b.sweep_n, n)
         counts = [sum(p["sweep"][j] for p in parts) for j in range(len(eps_list))]
         out["checks"]["sweep"] = {"eps": [float(e) for e in eps_list], "n": m, "acc": [c / m for c in counts],
                                   "attack": "APGD-CE" + (" + twin (clip) APGD-CE" if quantized else ""),
