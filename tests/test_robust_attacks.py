@@ -159,6 +159,30 @@ def test_twin_forwards_are_the_surrogates_and_are_restored(dqa_model, mnist):
     torch.testing.assert_close(surrogate("sigmoid", v, s, 3, 0.01)[far], q[far], atol=1e-4, rtol=0)
 
 
+def test_annealed_twin_alternates_a_smooth_and_a_sharp_start(dqa_model, mnist, monkeypatch):
+    """Even restarts anneal from t_start, odd ones from t_start_low, each down to t_end; the
+    temperature the twin runs at is the schedule's (recorded from inside the surrogate)."""
+    from dqa_ext.robust.attacks import adaptive
+
+    seen = []
+    real = adaptive.surrogate
+    monkeypatch.setattr(adaptive, "surrogate", lambda kind, x, s, q, temp=0.1: seen.append(temp) or real(kind, x, s, q, temp))
+    x, y = mnist.x_test[:2], mnist.y_test[:2]
+    with torch.no_grad():
+        right = dqa_model(x).argmax(1) == y
+    x, y = x[right][:1], y[right][:1]
+    # An epsilon of 0 keeps the image robust, so every restart runs all its steps.
+    adaptive.annealed_twin(dqa_model, x, y, torch.arange(1), 0.0, steps=5, restarts=3, t_start=1.0, t_end=0.01,
+                           t_start_low=0.1)
+    n_dqa = len(dqa_modules(dqa_model))
+    per_step = seen[::n_dqa]
+    assert len(per_step) == 15
+    for r, start in enumerate((1.0, 0.1, 1.0)):
+        run = per_step[5 * r:5 * r + 5]
+        assert run[0] == pytest.approx(start) and run[-1] == pytest.approx(0.01)
+        assert all(a > b for a, b in zip(run, run[1:]))  # falls geometrically
+
+
 def test_convergence_check_fires_on_an_under_budgeted_run(relu_model, mnist):
     x, y = _xy(mnist, 100)
     tiny = dataclasses.replace(FAST, apgd_steps=1, apgd_restarts=1)
@@ -239,6 +263,8 @@ def test_budget_rejects_zero_counts():
         Budget(apgd_t_targets=12).validate()
     with pytest.raises(AttackError, match="an integer"):
         Budget(apgd_steps=2.5).validate()
+    with pytest.raises(AttackError, match="anneal_t_start_low <= anneal_t_start"):
+        Budget(anneal_t_start_low=2.0).validate()
     assert Budget().scaled(2).apgd_steps == 2 * Budget().apgd_steps
 
 

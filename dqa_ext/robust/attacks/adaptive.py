@@ -118,15 +118,17 @@ class TrueGradient(Variant):
         super().__init__(model, "zero")
 
 
-def annealed_twin(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start, t_end, seed=0,
+def annealed_twin(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start, t_end, t_start_low=None, seed=0,
                   tag="twin_anneal", batch_size=500):
     """PGD on the sigmoid-staircase twin while its temperature falls geometrically from t_start to
     t_end (a smooth model first, then ever closer to the quantizer), with the step size falling in
-    thirds; restarts cycle through the CE, DLR and margin losses. Every iterate is checked on the
-    real model. Returns (broken bool [N] on the CPU, x_adv [N]).
+    thirds; restarts cycle through the CE, DLR and margin losses, and, given t_start_low, odd
+    restarts start from t_start_low instead. Every iterate is checked on the real model. Returns
+    (broken bool [N] on the CPU, x_adv [N]).
 
     Found by an independent evaluation of this project's numbers to break PGD-trained quantized
-    models that fixed-temperature twins leave standing."""
+    models that fixed-temperature twins leave standing. The points it finds are rare (a few random
+    starts in a hundred), and a smooth and a sharp start find different ones, hence both."""
     from .common import ce_loss, dlr_loss, example_uniform, margin
 
     losses = (ce_loss, dlr_loss, lambda z, t: -margin(z, t))
@@ -143,8 +145,9 @@ def annealed_twin(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start,
             noise = example_uniform(ids[idx], tuple(x.shape[1:]), seed, f"{tag}/{r}").to(x.device)
             xa = (xb + eps * noise).clamp(0.0, 1.0)
             found = torch.zeros(len(idx), dtype=torch.bool, device=x.device)
+            t0 = t_start_low if (t_start_low is not None and r % 2) else t_start
             for k in range(steps):
-                twin.temp = t_start * (t_end / t_start) ** (k / max(1, steps - 1))
+                twin.temp = t0 * (t_end / t0) ** (k / max(1, steps - 1))
                 xr = xa.detach().requires_grad_(True)
                 with torch.enable_grad():
                     (g,) = torch.autograd.grad(losses[r % 3](twin(xr).float(), yb).sum(), xr)

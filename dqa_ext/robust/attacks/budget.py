@@ -31,9 +31,10 @@ class Budget:
     twin_targets: int = 9
     twin_temp_low: float = 0.1      # sigmoid-staircase temperatures, in units of the step
     twin_temp_high: float = 0.2
-    anneal_steps: int = 150         # twin_anneal: PGD on the sigmoid twin, temperature annealed
-    anneal_restarts: int = 30       # (restarts cycle through the CE, DLR and margin losses)
-    anneal_t_start: float = 0.3
+    anneal_steps: int = 200         # twin_anneal: PGD on the sigmoid twin, temperature annealed
+    anneal_restarts: int = 40       # (restarts cycle through the CE, DLR and margin losses)
+    anneal_t_start: float = 1.0     # even restarts start smooth, odd ones closer to the quantizer:
+    anneal_t_start_low: float = 0.3  # the two find different rare points (docs/robust.md)
     anneal_t_end: float = 0.03
     transfer_steps: int = 100       # APGD-CE steps crafting each model's transfer candidates
     sanity_eps: float = 1.0         # a large-epsilon APGD-CE that must reach 0%
@@ -81,9 +82,10 @@ class Budget:
             raise AttackError("budget apgd_t_targets and twin_targets must be <= 9 (the other classes)")
         if not 0 < self.square_p_init <= 1:
             raise AttackError(f"budget square_p_init must be in (0, 1], got {self.square_p_init!r}")
-        if not 0 < self.anneal_t_end <= self.anneal_t_start:
-            raise AttackError("budget anneal_t_end must be > 0 and <= anneal_t_start, got "
-                              f"{self.anneal_t_end!r} and {self.anneal_t_start!r}")
+        if not 0 < self.anneal_t_end <= self.anneal_t_start_low <= self.anneal_t_start:
+            raise AttackError("budget anneal temperatures must satisfy 0 < anneal_t_end <= anneal_t_start_low <= "
+                              f"anneal_t_start, got {self.anneal_t_end!r}, {self.anneal_t_start_low!r} and "
+                              f"{self.anneal_t_start!r}")
         if not 0 < self.twin_temp_low <= self.twin_temp_high:
             raise AttackError("budget twin_temp_low must be > 0 and <= twin_temp_high, got "
                               f"{self.twin_temp_low!r} and {self.twin_temp_high!r}")

@@ -61,7 +61,8 @@ DESCRIPTIONS = {
     "twin_sig_high": "the same on a sigmoid-staircase twin at the high temperature",
     "bpda_sig": "exact forward, sigmoid-staircase derivative in the backward",
     "twin_anneal": "PGD on the sigmoid-staircase twin with its temperature annealed towards the quantizer "
-                   "(restarts cycle CE, DLR and margin losses), checked on the model",
+                   "(restarts cycle CE, DLR and margin losses and alternate a smooth and a sharp start), "
+                   "checked on the model",
     "square": "Square (score-based, no gradients)",
     "transfer": "the other models' high-loss points",
     "rerun_2x": "the straight-through attack that broke the most, rerun on the survivors with twice the steps "
@@ -112,9 +113,10 @@ def run_cascade_attack(name, model, x, y, ids, eps, b: Budget, *, seed=0, source
                                   targets=b.apgd_t_targets, restarts_t=b.apgd_t_restarts, **kw)
     elif name == "twin_anneal":
         broken, x_adv = annealed_twin(model, x, y, ids, eps, steps=b.anneal_steps, restarts=b.anneal_restarts,
-                                      t_start=b.anneal_t_start, t_end=b.anneal_t_end, seed=seed, tag=name,
-                                      batch_size=b.batch_size)
-        info = {"surrogate": "sigmoid", "temperature": [b.anneal_t_start, b.anneal_t_end], "mode": "twin"}
+                                      t_start=b.anneal_t_start, t_end=b.anneal_t_end, t_start_low=b.anneal_t_start_low,
+                                      seed=seed, tag=name, batch_size=b.batch_size)
+        info = {"surrogate": "sigmoid", "temperature": [b.anneal_t_start, b.anneal_t_start_low, b.anneal_t_end],
+                "mode": "twin"}
     elif name in QUANT_AWARE:
         kind, temp = {"twin_clip": ("clip", 0.0), "twin_sig_low": ("sigmoid", b.twin_temp_low),
                       "twin_sig_high": ("sigmoid", b.twin_temp_high), "bpda_sig": ("sigmoid", b.twin_temp_high)}[name]
@@ -147,7 +149,7 @@ def run_cascade_attack(name, model, x, y, ids, eps, b: Budget, *, seed=0, source
 def _budget_keys(name: str) -> list[str]:
     return {"apgd_ce": ["apgd_steps", "apgd_restarts"], "apgd_t": ["apgd_steps", "apgd_t_targets", "apgd_t_restarts"],
             "square": ["square_queries", "square_p_init"], "transfer": ["transfer_steps"],
-            "twin_anneal": ["anneal_steps", "anneal_restarts", "anneal_t_start", "anneal_t_end"]}.get(
+            "twin_anneal": ["anneal_steps", "anneal_restarts", "anneal_t_start", "anneal_t_start_low", "anneal_t_end"]}.get(
         name, ["twin_steps", "twin_restarts", "twin_targets", "twin_temp_low", "twin_temp_high"])
 
 
