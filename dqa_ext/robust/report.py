@@ -9,12 +9,12 @@ Each names the numbers that raised it.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from .attacks import CASCADE, DESCRIPTIONS, LABELS
 from .attacks.paper import MINIMAL_L2, PAPER
 from .errors import UserError
+from .models import ModelError, parse_activation
 
 FILES = ("results.json", "report.md", "acc_vs_eps.png", "steps.png", "robust_vs_bits.png")
 
@@ -246,8 +246,7 @@ def plot_eps(results: dict, path: Path) -> bool:
     return True
 
 
-_FAMILY = re.compile(r"^(fixed|dqa)(\d+)$")
-_FAMILY_NAMES = {"fixed": "fixed step", "dqa": "learned step (DQA)"}
+_FAMILY_NAMES = {"fixed": "fixed step", "dynamic": "learned step (DQA)"}
 
 
 def _pgd_alone(ev):
@@ -263,12 +262,15 @@ def plot_bits(results: dict, path: Path) -> bool:
 
     lines, relu = {}, {}
     for m in results["models"]:
-        act, training = m.get("activation", ""), m.get("training", "")
-        found = _FAMILY.match(act)
-        if found:
-            lines.setdefault((found[1], training), []).append((int(found[2]), m["eval"]))
-        elif act == "relu":
+        training = m.get("training", "")
+        try:
+            family, bits = parse_activation(m.get("activation", ""))
+        except ModelError:
+            continue  # not one of ours: no place on the bits axis
+        if bits is None:
             relu[training] = m["eval"]
+        else:
+            lines.setdefault((family, training), []).append((bits, m["eval"]))
     if len({b for pts in lines.values() for b, _ in pts}) < 2:
         return False
     panels = [(lambda ev: ev["worst_case"]["acc"], "adaptive worst case (every attack of the report)")]
