@@ -92,7 +92,7 @@ def extensions():
     plan = cuda_plan(torch)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp"))
     # -fopenmp: at::parallel_for only runs in parallel when _OPENMP is defined (torch's own
     # libgomp then serves it).
     cxx = ["-O3", "-fopenmp"] + CPU_CAPABILITIES[cap]

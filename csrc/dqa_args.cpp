@@ -1,5 +1,7 @@
 #include "dqa_args.h"
 
+#include "dqa_math.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/irange.h>
 
@@ -16,7 +18,7 @@ constexpr int64_t kMaxLevel = int64_t{1} << 24;
 }  // namespace
 
 int64_t check_args(const at::Tensor& x, const at::Tensor& step, int64_t qmin, int64_t qmax,
-                   int64_t channel_dim) {
+                   int64_t channel_dim, double min_step) {
   TORCH_CHECK(x.defined(), "dqa_ext: x must be a defined tensor");
   TORCH_CHECK(step.defined(), "dqa_ext: step must be a defined tensor");
   const auto xt = x.scalar_type();
@@ -31,6 +33,10 @@ int64_t check_args(const at::Tensor& x, const at::Tensor& step, int64_t qmin, in
   TORCH_CHECK(qmin >= -kMaxLevel && qmax <= kMaxLevel,
               "dqa_ext: qmin and qmax must lie in [-2**24, 2**24] (exact in float32), got qmin=",
               qmin, ", qmax=", qmax);
+  // The kernels use min_step in float32: it must stay > 0 (or be exactly 0) there.
+  const float min_step_f = static_cast<float>(min_step);
+  TORCH_CHECK(min_step == 0.0 || (min_step_f > 0.f && std::isfinite(min_step_f)),
+              "dqa_ext: min_step must be 0 or a positive finite float32, got ", min_step);
   const int64_t ndim = x.dim();
   TORCH_CHECK(channel_dim >= -ndim && channel_dim < ndim, "dqa_ext: channel_dim must be in [",
               -ndim, ", ", ndim - 1, "] for x of shape ", x.sizes(), ", got ", channel_dim);
@@ -53,13 +59,17 @@ void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, double g
   TORCH_CHECK(std::isfinite(grad_scale), "dqa_ext: grad_scale must be finite, got ", grad_scale);
 }
 
-void check_step_values(const at::Tensor& step) {
+std::vector<float> effective_steps(const at::Tensor& step, double min_step) {
   const at::Tensor s = step.contiguous();
   const float* p = s.const_data_ptr<float>();
+  const float m = static_cast<float>(min_step);
+  std::vector<float> out(static_cast<size_t>(s.numel()));
   for (const auto i : c10::irange(s.numel())) {
-    TORCH_CHECK(std::isfinite(p[i]) && p[i] > 0.f, "dqa_ext: step must be finite and > 0, got step[",
-                i, "] = ", p[i]);
+    out[i] = effective_step(p[i], m);
+    TORCH_CHECK(std::isfinite(out[i]) && out[i] > 0.f, "dqa_ext: step must be finite and > 0",
+                m > 0.f ? " (as max(|step|, min_step))" : "", ", got step[", i, "] = ", p[i]);
   }
+  return out;
 }
 
 at::Tensor dense(const at::Tensor& x) {

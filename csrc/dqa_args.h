@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace dqa {
 
@@ -18,11 +19,12 @@ struct Blocks {
 // The arguments of both ops, checked once, before any work (TORCH_CHECK; the messages name the
 // argument, its value and what was expected). Returns channel_dim wrapped to [0, x.dim()).
 int64_t check_args(const at::Tensor& x, const at::Tensor& step, int64_t qmin, int64_t qmax,
-                   int64_t channel_dim);
+                   int64_t channel_dim, double min_step);
 // The backward's extra arguments: grad_y like x, grad_scale finite.
 void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, double grad_scale);
-// CPU only: every step finite and > 0 (on CUDA this would need a host sync; see checked_step).
-void check_step_values(const at::Tensor& step);
+// CPU only: the steps in use (dqa::effective_step of each), every one finite and > 0, else an
+// error naming the first bad one (on CUDA this check would need a host sync; see checked_step).
+std::vector<float> effective_steps(const at::Tensor& step, double min_step);
 
 // x itself when its memory is dense (contiguous in some dim order, channels_last included),
 // else a copy contiguous in x's suggested memory format. Outputs are allocated with

@@ -35,6 +35,24 @@ DQA_HD float select(bool c, float a, float b) { return c ? a : b; }
 // sync, so its kernels apply this once per channel instead.
 DQA_HD float checked_step(float s) { return (s > 0.f && s <= FLT_MAX) ? s : NAN; }
 
+// The step in use. A learned step (min_step > 0) is used as max(|s|, min_step), so it stays
+// positive under any optimizer without constraints; a NaN step stays NaN (the comparison with
+// NaN is false). A given step (min_step == 0) is used as it is.
+DQA_HD float effective_step(float s, float min_step) {
+  if (!(min_step > 0.f)) return s;
+  const float a = s < 0.f ? -s : s;  // |s|; a NaN stays NaN
+  return a < min_step ? min_step : a;
+}
+
+// d effective_step / d s, which multiplies the step gradient (exactly: it is -1, 0 or 1):
+// sign(s) * [|s| >= min_step] for a learned step, as torch's abs then clamp_min give; 1 for a
+// given step.
+DQA_HD float effective_step_grad(float s, float min_step) {
+  if (!(min_step > 0.f)) return 1.f;
+  if (!(s >= min_step || s <= -min_step)) return 0.f;
+  return s > 0.f ? 1.f : -1.f;
+}
+
 // v = x / s: IEEE division, never x * (1/s), so every backend gets the same v.
 template <typename V>
 DQA_HD V scaled(V x, V s) { return x / s; }

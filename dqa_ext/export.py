@@ -37,7 +37,7 @@ def _onnx_levels(qmin, qmax):
                               "(ONNX QuantizeLinear at opset 18 has uint8/int8 only)")
 
 
-def fake_quantize_onnx(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0):
+def fake_quantize_onnx(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0, min_step=0.0):
     """ONNX Script (trace-only) translation of dqa_ext::fake_quantize; grad_scale is training-only."""
     from onnxscript import ir
     from onnxscript import opset18 as op
@@ -52,6 +52,8 @@ def fake_quantize_onnx(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0):
     per_channel = math.prod(dims) != 1
     dim = channel_dim % rank if per_channel else 0
     dtype = x.type.dtype
+    if min_step > 0:  # a learned step is used as max(|step|, min_step)
+        step = op.Max(op.Abs(step), op.Constant(value_float=float(min_step)))
     xf = op.Cast(x, to=ir.DataType.FLOAT) if dtype != ir.DataType.FLOAT else x
     if per_channel:  # the clamp bounds broadcast along the channel axis
         shape = [1] * rank

@@ -6,11 +6,12 @@ import torch
 from . import _backend, reference
 
 
-def fake_quantize(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0):
-    """y = clamp(round_half_even(x / step), qmin, qmax) * step, differentiable in x and step.
+def fake_quantize(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0, min_step=0.0):
+    """y = clamp(round_half_even(x / s), qmin, qmax) * s, differentiable in x and step.
 
     step: float32, one element (per-tensor: channel_dim is then ignored) or x.shape[channel_dim]
-    elements (per-channel). qmin, qmax: integers (Python or numpy).
+    elements (per-channel). s is step itself, or max(|step|, min_step) when min_step > 0 (a
+    learned step, kept positive under any optimizer). qmin, qmax: integers (Python or numpy).
     Backward: straight-through dx inside (qmin, qmax); LSQ's step gradient times grad_scale.
     """
     reference.check_level_types(qmin, qmax)
@@ -18,14 +19,19 @@ def fake_quantize(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0):
     if isinstance(x, torch.Tensor) and x.dim() >= 1 and not -x.dim() <= channel_dim < x.dim() \
             and isinstance(step, torch.Tensor) and step.numel() == 1:
         channel_dim = 0  # a per-tensor step has no channel axis: any channel_dim will do
-    if _backend.use_extension(x.device.type) and not _in_functorch_transform():
-        return torch.ops.dqa_ext.fake_quantize(x, step, qmin, qmax, channel_dim, float(grad_scale))
-    return reference.fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale)
+    return _call(x, step, qmin, qmax, channel_dim, float(grad_scale), float(min_step))
 
 
-def _in_functorch_transform():
+def _call(x, step, qmin, qmax, channel_dim, grad_scale, min_step):
+    """The op on checked Python arguments: the kernels, or the reference."""
+    if _backend.use_extension(x.device.type) and not in_functorch_transform():
+        return torch.ops.dqa_ext.fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale, min_step)
+    return reference.fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale, min_step)
+
+
+def in_functorch_transform():
     """torch.func (grad, vmap, jacrev...) runs the reference: the same math, as autograd.Function
-    with setup_context, which functorch supports (the op's registered autograd it does not)."""
+    with setup_context, which functorch supports (the op's C++ autograd it does not)."""
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
@@ -34,7 +40,7 @@ def check_bits(bits):
         raise ValueError(f"dqa_ext: bits must be an integer in 1..8, got {bits!r}")
 
 
-def quantized_relu(x, step, bits, channel_dim=1, grad_scale=1.0):
-    """The DQA activation: fake quantization onto the 2**bits levels 0, step, ..., (2**bits-1)*step."""
+def quantized_relu(x, step, bits, channel_dim=1, grad_scale=1.0, min_step=0.0):
+    """The DQA activation: fake quantization onto the 2**bits levels 0, s, ..., (2**bits-1)*s."""
     check_bits(bits)
-    return fake_quantize(x, step, 0, 2**bits - 1, channel_dim, grad_scale)
+    return fake_quantize(x, step, 0, 2**bits - 1, channel_dim, grad_scale, min_step)

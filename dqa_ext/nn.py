@@ -7,9 +7,12 @@ import torch
 from torch import nn
 
 from . import reference
-from .functional import check_bits, quantized_relu
+from . import functional
+from .functional import check_bits
 
 _MODES = ("dynamic", "fixed")
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _Lazy = nn.parameter.UninitializedTensorMixin
 
 
@@ -94,8 +97,8 @@ class DQAReLU(nn.Module):
             raise ValueError(f"DQAReLU: init_step must be a finite float > 0 or None, got {init_step!r}")
         if not (grad_scale == "lsq" or (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale))):
             raise ValueError(f"DQAReLU: grad_scale must be 'lsq' or a finite float, got {grad_scale!r}")
-        if not (isinstance(min_step, (int, float)) and min_step > 0):
-            raise ValueError(f"DQAReLU: min_step must be a float > 0, got {min_step!r}")
+        if not (isinstance(min_step, (int, float)) and _FLOAT32_TINY <= min_step <= _FLOAT32_MAX):
+            raise ValueError(f"DQAReLU: min_step must be a float32 number > 0, got {min_step!r}")
         self.bits = bits
         self.mode = mode
         self.qmax = 2**bits - 1
@@ -134,8 +137,7 @@ class DQAReLU(nn.Module):
         None while the step is lazy."""
         if self.is_lazy:
             return None
-        step = self.step.detach().float()
-        return step.abs().clamp_min(self.min_step) if self.mode == "dynamic" else step.clone()
+        return reference.effective_step(self.step.detach(), self._op_min_step()).clone()
 
     def freeze(self, frozen=True):
         """Stops (or resumes) learning the step: the backward then skips the step reduction."""
@@ -215,10 +217,12 @@ class DQAReLU(nn.Module):
                 f"DQAReLU: this module has {self.step.numel()} per-channel steps but got an input with "
                 f"{x.shape[dim]} channels along channel_dim={self.channel_dim}; a ReLU module reused at "
                 "places with different channel counts needs separate modules or per_channel=False")
-        step = self.step.float()
-        if self.mode == "dynamic":
-            step = step.abs().clamp_min(self.min_step)
-        return quantized_relu(x, step, self.bits, self.channel_dim, self._grad_scale(x, dim))
+        # The raw step and min_step go to the op, which uses max(|step|, min_step) when learned.
+        return functional._call(x, self.step, 0, self.qmax, dim, self._grad_scale(x, dim), self._op_min_step())
+
+    def _op_min_step(self):
+        """The op's min_step: a learned step is used as max(|step|, min_step), a fixed one as is."""
+        return self.min_step if self.mode == "dynamic" else 0.0
 
     def _channel_axis(self, x):
         if self.per_channel or -x.dim() <= self.channel_dim < x.dim():

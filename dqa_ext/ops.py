@@ -1,5 +1,12 @@
-"""Fake (meta) and autograd registrations for the extension's ops, so that eager mode,
-torch.compile and torch.library.opcheck all work. Imported once the library is loaded."""
+"""Python registrations for the extension's ops (the schemas, kernels and autograd are C++):
+fake (meta) kernels for torch.compile, torch.export and torch.library.opcheck, and Inductor
+decompositions, so that a compiled model's quantizer fuses with its neighbours (BatchNorm's
+epilogue, a residual add) as nn.ReLU does, instead of being an opaque extern call. Eager calls
+keep the fused kernels. Imported once the library is loaded."""
+
+import importlib.abc
+import importlib.machinery
+import sys
 
 import torch
 
@@ -7,50 +14,77 @@ from . import reference
 
 
 @torch.library.register_fake("dqa_ext::fake_quantize")
-def _fake_quantize_fake(x, step, qmin, qmax, channel_dim, grad_scale=1.0):
-    reference.check_args(x, step, qmin, qmax, channel_dim)
+def _fake_quantize_fake(x, step, qmin, qmax, channel_dim, grad_scale=1.0, min_step=0.0):
+    reference.check_args(x, step, qmin, qmax, channel_dim, min_step)
     return torch.empty_like(x)  # keeps x's memory format, as the kernels do
 
 
 @torch.library.register_fake("dqa_ext::fake_quantize_backward")
 def _fake_quantize_backward_fake(grad_y, x, step, qmin, qmax, channel_dim, grad_scale,
-                                 need_step_grad):
-    reference.check_args(x, step, qmin, qmax, channel_dim)
+                                 need_step_grad, min_step=0.0):
+    reference.check_args(x, step, qmin, qmax, channel_dim, min_step)
     reference.check_backward_args(grad_y, x, grad_scale)
     dstep = step.new_empty(step.shape) if need_step_grad else step.new_empty(0)
     return torch.empty_like(x), dstep
 
 
-def _setup_context(ctx, inputs, output):
-    x, step, qmin, qmax, channel_dim, grad_scale = inputs
-    ctx.save_for_backward(x, step)
-    ctx.args = (qmin, qmax, channel_dim, grad_scale)
+# --- Inductor: the ops as pointwise code and one per-channel reduction ---
+# The same math as the kernels (reference.forward_math/backward_math): IEEE division and round
+# half to even, so the compiled y and dx are bitwise the eager ones; dstep is summed in float64
+# in Inductor's order. torch.export and the ONNX exporter do not use Inductor's table: their
+# graphs keep the op (dqa_ext/export.py translates it).
+
+def _forward_decomposition(x, step, qmin, qmax, channel_dim, grad_scale=1.0, min_step=0.0):
+    return reference.forward_math(x, step, qmin, qmax, channel_dim % x.dim(), min_step)
 
 
-def _backward(ctx, grad_y):
-    x, step = ctx.saved_tensors
-    qmin, qmax, channel_dim, grad_scale = ctx.args
-    need_step_grad = ctx.needs_input_grad[1]
-    dx, dstep = torch.ops.dqa_ext.fake_quantize_backward(
-        grad_y, x, step, qmin, qmax, channel_dim, grad_scale, need_step_grad)
-    dx, dstep = _no_second_derivative(dx, dstep if need_step_grad else None)
-    return dx, dstep, None, None, None, None
+def _backward_decomposition(grad_y, x, step, qmin, qmax, channel_dim, grad_scale, need_step_grad,
+                            min_step=0.0):
+    return reference.backward_math(grad_y, x, step, qmin, qmax, channel_dim % x.dim(), grad_scale,
+                                   need_step_grad, min_step)
 
 
-_NO_DOUBLE_BACKWARD = (b"dqa_ext: the extension's fake_quantize backward is not differentiable, so double "
-                       b"backward (create_graph=True, gradient penalties, hessians) is not supported on it; "
-                       b"DQA_EXT_BACKEND=reference (dqa_ext.set_backend('reference')) computes it in plain PyTorch")
+def _register_inductor_decompositions(module):
+    ops = torch.ops.dqa_ext
+    table = module.decompositions
+    for op, fn in ((ops.fake_quantize.default, _forward_decomposition),
+                   (ops.fake_quantize_backward.default, _backward_decomposition)):
+        if op not in table:
+            module.register_decomposition([op])(fn)
 
 
-def _no_second_derivative(*grads):
-    """The backward's results, raising a clear error if differentiated again (under create_graph=True)
-    instead of silently dropping the second-order terms, as torch's once_differentiable does."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return grads
-    keep = [g for g in grads if g is not None]
-    err = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(keep))
-    raised = iter(err(*[g.detach().requires_grad_() for g in keep]))
-    return tuple(None if g is None else next(raised) for g in grads)
+_INDUCTOR_DECOMPOSITIONS = "torch._inductor.decomposition"
 
 
-torch.library.register_autograd("dqa_ext::fake_quantize", _backward, setup_context=_setup_context)
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs a function on a module right after its first import. Importing Inductor costs more
+    than a second, so dqa_ext registers its decompositions when torch.compile imports it."""
+
+    def __init__(self, name, fn):
+        self.name, self.fn = name, fn
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, fn = spec.loader, self.fn
+
+        def exec_module(module):
+            type(loader).exec_module(loader, module)
+            fn(module)
+
+        loader.exec_module = exec_module  # this spec's loader object only
+        return spec
+
+
+def _when_imported(name, fn):
+    if name in sys.modules:
+        fn(sys.modules[name])
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, fn))
+
+
+_when_imported(_INDUCTOR_DECOMPOSITIONS, _register_inductor_decompositions)

@@ -194,15 +194,15 @@ void parallel_runs(const Blocks& b, const float* sp, int64_t numel, F&& f) {
 }
 
 at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& step, int64_t qmin,
-                             int64_t qmax, int64_t channel_dim, double /*grad_scale*/) {
-  const int64_t dim = check_args(x, step, qmin, qmax, channel_dim);
-  check_step_values(step);
+                             int64_t qmax, int64_t channel_dim, double /*grad_scale*/,
+                             double min_step) {
+  const int64_t dim = check_args(x, step, qmin, qmax, channel_dim, min_step);
+  const std::vector<float> steps = effective_steps(step, min_step);
   const at::Tensor xd = dense(x);
   at::Tensor y = at::empty_like(xd);
   if (xd.numel() == 0) return y;
   const Blocks b = blocks_of(xd, dim, step);
-  const at::Tensor s = step.contiguous();
-  const float* sp = s.const_data_ptr<float>();
+  const float* sp = steps.data();
   const float fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
   DQA_DISPATCH(xd.scalar_type(), "dqa_forward", [&] {
     const scalar_t* xp = xd.const_data_ptr<scalar_t>();
@@ -293,10 +293,10 @@ void backward_with_step_grad(const T* dyp, const T* xp, T* dxp, const Blocks& b,
 
 std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& step, int64_t qmin,
-    int64_t qmax, int64_t channel_dim, double grad_scale, bool need_step_grad) {
-  const int64_t dim = check_args(x, step, qmin, qmax, channel_dim);
+    int64_t qmax, int64_t channel_dim, double grad_scale, bool need_step_grad, double min_step) {
+  const int64_t dim = check_args(x, step, qmin, qmax, channel_dim, min_step);
   check_backward_args(grad_y, x, grad_scale);
-  check_step_values(step);
+  const std::vector<float> steps = effective_steps(step, min_step);
   const at::Tensor xd = dense(x);
   const at::Tensor dyd = with_layout_of(grad_y, xd);
   at::Tensor dx = at::empty_like(xd);
@@ -305,8 +305,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(
   const int64_t numel = xd.numel();
   if (numel == 0) return {dx, dstep.zero_()};
   const Blocks b = blocks_of(xd, dim, step);
-  const at::Tensor s = step.contiguous();
-  const float* sp = s.const_data_ptr<float>();
+  const float* sp = steps.data();
   const float fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
   const int64_t chunk = step_grad_chunk(b, numel);
   std::vector<double> partial;
@@ -334,7 +333,13 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cpu(
       const double* row = partial.data() + k * C;
       for (const auto c : c10::irange(C)) total[c] += row[c];
     }
-    for (const auto c : c10::irange(C)) dp[c] = static_cast<float>(grad_scale * total[c]);
+    // The gradient with respect to the raw step: times d effective_step / d step (-1, 0 or 1).
+    const at::Tensor raw = step.contiguous();
+    const float* rp = raw.const_data_ptr<float>();
+    const float m = static_cast<float>(min_step);
+    for (const auto c : c10::irange(C)) {
+      dp[c] = static_cast<float>(grad_scale * total[c]) * effective_step_grad(rp[c], m);
+    }
   }
   return {dx, dstep};
 }

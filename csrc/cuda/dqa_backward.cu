@@ -38,7 +38,8 @@ template <typename T, int VEC, bool kPacked>
 __global__ void __launch_bounds__(kThreads)
     grad_rows_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                      const float* __restrict__ step, T* __restrict__ dx,
-                     double* __restrict__ partials, RowsWalk w, float qmin, float qmax) {
+                     double* __restrict__ partials, RowsWalk w, float qmin, float qmax,
+                     float min_step) {
   __shared__ double smem[32];
   // Each thread's flushed double sum lives in shared memory, not in registers: the IEEE
   // division's slow path is a call, and registers live across it would spill.
@@ -46,7 +47,7 @@ __global__ void __launch_bounds__(kThreads)
   double& total = flushed[threadIdx.x];
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t c = blockIdx.y; c < w.C; c += gridDim.y) {
-    const float s = load_step(step, c);
+    const float s = load_step(step, c, min_step);
     float acc = 0.f;
     total = 0.0;
     int vectors = 0;
@@ -79,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
     grad_tiles_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                       const float* __restrict__ step, T* __restrict__ dx,
                       double* __restrict__ partials, int64_t outer, int64_t W, Divider by_inner,
-                      int bx_log2, float qmin, float qmax) {
+                      int bx_log2, float qmin, float qmax, float min_step) {
   __shared__ double smem[kThreads * VEC];
   const int bx = 1 << bx_log2;
   const int by = kThreads >> bx_log2;
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
   float acc[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    s[j] = active ? load_step(step, by_inner.div(col + j)) : 0.f;
+    s[j] = active ? load_step(step, by_inner.div(col + j), min_step) : 0.f;
     acc[j] = 0.f;
     mine[j] = 0.0;
   }
@@ -144,10 +145,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One warp per channel: dstep[c] = grad_scale * its partials' sum, in double, in a fixed order.
+// One warp per channel: dstep[c] = grad_scale * its partials' sum, in double, in a fixed order,
+// times d effective_step / d step[c] (-1, 0 or 1: exact).
 __global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const double* __restrict__ partials, float* __restrict__ dstep,
-                    FinalizeArgs a, double grad_scale) {
+    finalize_kernel(const double* __restrict__ partials, const float* __restrict__ step,
+                    float* __restrict__ dstep, FinalizeArgs a, double grad_scale,
+                    float min_step) {
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
@@ -157,7 +160,10 @@ __global__ void __launch_bounds__(kThreads)
       [&](int64_t slot) { sum += partials[slot]; },
       [&](int64_t c) {
         const double total = warp_sum(sum);
-        if (lane == 0) dstep[c] = static_cast<float>(total * grad_scale);
+        if (lane == 0) {
+          dstep[c] = static_cast<float>(total * grad_scale) *
+                     dqa::effective_step_grad(__ldg(step + c), min_step);
+        }
         sum = 0.0;
       });
 }
@@ -177,15 +183,16 @@ size_t fake_quantize_backward_workspace_bytes(Shape shape, DType dtype, bool nee
 cudaError_t launch_fake_quantize_backward(const void* grad_y, const void* x, const float* step,
                                           void* grad_x, float* grad_step, void* workspace,
                                           size_t workspace_bytes, Shape shape, DType dtype,
-                                          float qmin, float qmax, double grad_scale,
-                                          int sm_count, cudaStream_t stream) {
+                                          float qmin, float qmax, float min_step,
+                                          double grad_scale, int sm_count, cudaStream_t stream) {
   if (numel_of(shape) == 0) {
     if (grad_step == nullptr || shape.channels < 1) return cudaSuccess;
     return cudaMemsetAsync(grad_step, 0, static_cast<size_t>(shape.channels) * sizeof(float),
                            stream);
   }
   if (grad_step == nullptr) {
-    return launch_grad_input(x, grad_y, step, grad_x, shape, dtype, qmin, qmax, sm_count, stream);
+    return launch_grad_input(x, grad_y, step, grad_x, shape, dtype, qmin, qmax, min_step, sm_count,
+                             stream);
   }
   const BackwardPlan plan =
       plan_backward(shape, dtype, reinterpret_cast<uintptr_t>(grad_y),
@@ -209,18 +216,18 @@ cudaError_t launch_fake_quantize_backward(const void* grad_y, const void* x, con
         if (plan.tiled) {
           grad_tiles_kernel<T, VEC, kPacked><<<grid, plan.block, 0, stream>>>(
               dy, xt, step, dx, partials, shape.outer, shape.channels * shape.inner,
-              make_divider(shape.inner), plan.bx_log2, qmin, qmax);
+              make_divider(shape.inner), plan.bx_log2, qmin, qmax, min_step);
         } else {
           grad_rows_kernel<T, VEC, kPacked><<<grid, plan.block, 0, stream>>>(
-              dy, xt, step, dx, partials, plan.rows, qmin, qmax);
+              dy, xt, step, dx, partials, plan.rows, qmin, qmax, min_step);
         }
         return cudaGetLastError();
       });
     });
   });
   if (err != cudaSuccess) return err;
-  finalize_kernel<<<plan.finalize_grid.x, kThreads, 0, stream>>>(partials, grad_step,
-                                                                 plan.finalize, grad_scale);
+  finalize_kernel<<<plan.finalize_grid.x, kThreads, 0, stream>>>(
+      partials, step, grad_step, plan.finalize, grad_scale, min_step);
   return cudaGetLastError();
 }
 

@@ -55,8 +55,9 @@ int sm_count() {
 }
 
 at::Tensor fake_quantize_cuda(const at::Tensor& x, const at::Tensor& step, int64_t qmin,
-                              int64_t qmax, int64_t channel_dim, double /*grad_scale*/) {
-  const int64_t dim = dqa::check_args(x, step, qmin, qmax, channel_dim);
+                              int64_t qmax, int64_t channel_dim, double /*grad_scale*/,
+                              double min_step) {
+  const int64_t dim = dqa::check_args(x, step, qmin, qmax, channel_dim, min_step);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xd = dqa::dense(x);
   at::Tensor y = at::empty_like(xd);  // keeps xd's strides, so y has the same block layout
@@ -64,15 +65,16 @@ at::Tensor fake_quantize_cuda(const at::Tensor& x, const at::Tensor& step, int64
   const at::Tensor s = step.contiguous();
   C10_CUDA_CHECK(dqa_cuda::launch_fake_quantize(
       xd.const_data_ptr(), s.const_data_ptr<float>(), y.mutable_data_ptr(), shape_of(xd, dim, s),
-      dtype_of(xd), static_cast<float>(qmin), static_cast<float>(qmax), sm_count(),
+      dtype_of(xd), static_cast<float>(qmin), static_cast<float>(qmax),
+      static_cast<float>(min_step), sm_count(),
       c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& step, int64_t qmin,
-    int64_t qmax, int64_t channel_dim, double grad_scale, bool need_step_grad) {
-  const int64_t dim = dqa::check_args(x, step, qmin, qmax, channel_dim);
+    int64_t qmax, int64_t channel_dim, double grad_scale, bool need_step_grad, double min_step) {
+  const int64_t dim = dqa::check_args(x, step, qmin, qmax, channel_dim, min_step);
   dqa::check_backward_args(grad_y, x, grad_scale);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xd = dqa::dense(x);
@@ -100,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_cuda(
       dy.const_data_ptr(), xd.const_data_ptr(), s.const_data_ptr<float>(), dx.mutable_data_ptr(),
       need_step_grad ? dstep.mutable_data_ptr<float>() : nullptr,
       ws_bytes > 0 ? workspace.mutable_data_ptr() : nullptr, ws_bytes, shape, dtype,
-      static_cast<float>(qmin), static_cast<float>(qmax), grad_scale, sm_count(),
+      static_cast<float>(qmin), static_cast<float>(qmax), static_cast<float>(min_step), grad_scale,
+      sm_count(),
       c10::cuda::getCurrentCUDAStream()));
   return {dx, dstep};
 }

@@ -59,8 +59,11 @@ __device__ __forceinline__ void store_vec(T* p, const Pack<T, N>& v, int64_t n) 
   }
 }
 
-__device__ __forceinline__ float load_step(const float* __restrict__ step, int64_t c) {
-  return dqa::checked_step(__ldg(step + c));
+// The step in use for channel c (max(|step|, min_step) for a learned one), NaN when it is not
+// finite and > 0.
+__device__ __forceinline__ float load_step(const float* __restrict__ step, int64_t c,
+                                           float min_step) {
+  return dqa::checked_step(dqa::effective_step(__ldg(step + c), min_step));
 }
 
 template <typename V>
@@ -125,7 +128,7 @@ cudaError_t with_vec(int vec, F&& f) {
 
 // grad_x alone (dqa_elementwise.cu): the backward without a step gradient.
 cudaError_t launch_grad_input(const void* x, const void* grad_y, const float* step, void* grad_x,
-                              Shape shape, DType dtype, float qmin, float qmax, int sm_count,
-                              cudaStream_t stream);
+                              Shape shape, DType dtype, float qmin, float qmax, float min_step,
+                              int sm_count, cudaStream_t stream);
 
 }  // namespace dqa_cuda

@@ -25,7 +25,7 @@ template <typename T, int VEC, bool kGrad>
 __global__ void __launch_bounds__(kThreads)
     elementwise_kernel(const T* __restrict__ x, const T* __restrict__ dy,
                        const float* __restrict__ step, T* __restrict__ out, FlatWalk w,
-                       float qmin, float qmax) {
+                       float qmin, float qmax, float min_step) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   walk_flat<VEC>(w, tid, nthreads, [&](int64_t e, int64_t n, Cursor p) {
@@ -33,10 +33,10 @@ __global__ void __launch_bounds__(kThreads)
     Pack<T, VEC> gv;
     if constexpr (kGrad) gv = load_vec<T, VEC, true>(dy + e, n);
     Pack<T, VEC> ov;
-    float s = load_step(step, p.c);
+    float s = load_step(step, p.c, min_step);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      if (j > 0 && next_element(p, w.inner, w.C)) s = load_step(step, p.c);
+      if (j > 0 && next_element(p, w.inner, w.C)) s = load_step(step, p.c, min_step);
       const float v = dqa::scaled(to_float(xv.v[j]), s);
       float r;
       if constexpr (kGrad) {
@@ -75,8 +75,8 @@ int resident_blocks() {
 
 template <bool kGrad>
 cudaError_t launch_elementwise(const void* x, const void* dy, const float* step, void* out,
-                               Shape shape, DType dtype, float qmin, float qmax, int sm_count,
-                               cudaStream_t stream) {
+                               Shape shape, DType dtype, float qmin, float qmax, float min_step,
+                               int sm_count, cudaStream_t stream) {
   if (numel_of(shape) == 0) return cudaSuccess;
   const int vec = aligned_vec(dtype, reinterpret_cast<uintptr_t>(x),
                               reinterpret_cast<uintptr_t>(dy), reinterpret_cast<uintptr_t>(out));
@@ -98,7 +98,7 @@ cudaError_t launch_elementwise(const void* x, const void* dy, const float* step,
                        plan.stride};
       kernel<<<plan.blocks, kThreads, 0, stream>>>(static_cast<const T*>(x),
                                                    static_cast<const T*>(dy), step,
-                                                   static_cast<T*>(out), w, qmin, qmax);
+                                                   static_cast<T*>(out), w, qmin, qmax, min_step);
       return cudaGetLastError();
     });
   });
@@ -107,17 +107,17 @@ cudaError_t launch_elementwise(const void* x, const void* dy, const float* step,
 }  // namespace
 
 cudaError_t launch_fake_quantize(const void* x, const float* step, void* y, Shape shape,
-                                 DType dtype, float qmin, float qmax, int sm_count,
-                                 cudaStream_t stream) {
-  return launch_elementwise<false>(x, nullptr, step, y, shape, dtype, qmin, qmax, sm_count,
-                                   stream);
+                                 DType dtype, float qmin, float qmax, float min_step,
+                                 int sm_count, cudaStream_t stream) {
+  return launch_elementwise<false>(x, nullptr, step, y, shape, dtype, qmin, qmax, min_step,
+                                   sm_count, stream);
 }
 
 cudaError_t launch_grad_input(const void* x, const void* grad_y, const float* step, void* grad_x,
-                              Shape shape, DType dtype, float qmin, float qmax, int sm_count,
-                              cudaStream_t stream) {
-  return launch_elementwise<true>(x, grad_y, step, grad_x, shape, dtype, qmin, qmax, sm_count,
-                                  stream);
+                              Shape shape, DType dtype, float qmin, float qmax, float min_step,
+                              int sm_count, cudaStream_t stream) {
+  return launch_elementwise<true>(x, grad_y, step, grad_x, shape, dtype, qmin, qmax, min_step,
+                                  sm_count, stream);
 }
 
 }  // namespace dqa_cuda
