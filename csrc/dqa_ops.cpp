@@ -1,15 +1,6 @@
-// Op schemas of dqa_ext. Kernels register per device: cpu/dqa_cpu.cpp, cuda/dqa_cuda.cpp.
-#include <Python.h>
+// Op schemas of dqa_ext. Kernels register per device (cpu/dqa_cpu.cpp, cuda/dqa_cuda.cpp), the
+// autograd in autograd/dqa_autograd.cpp; dqa_python.cpp is the Python module that loads them.
 #include <torch/library.h>
-
-extern "C" {
-// `import dqa_ext._C` loads this library, which runs the registrations below; no Python
-// bindings are needed since the ops are reached through torch.ops.dqa_ext.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(dqa_ext, m) {
   // y = clamp(rne(x / s), qmin, qmax) * s per element, in x's dtype and memory format, where

@@ -97,15 +97,16 @@ def _load_extension():
     if cap == "avx512" and not torch.cpu._is_avx512_supported():
         return False, "the extension was built for AVX-512, which this CPU lacks"
     try:
-        from . import _C  # noqa: F401  (loading the library registers the ops)
+        from . import _C  # loading the library registers the ops
     except ImportError as exc:
         return False, f"the extension failed to load: {exc}"
-    from . import ops  # noqa: F401  (fake and autograd registrations)
+    from . import ops  # noqa: F401  (fake kernels, Inductor decompositions)
 
-    return True, ""
+    return _C, ""
 
 
-LOADED, LOAD_ERROR = _load_extension()
+C, LOAD_ERROR = _load_extension()  # the _C module (its eager entry of the op), or False
+LOADED = bool(C)
 # The device types the extension has kernels for; read once so torch.compile sees constants.
 BUILT_FOR = {
     dev: LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(_OP, dev.upper())

@@ -24,15 +24,25 @@ def fake_quantize(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0, min_step=0
 
 def _call(x, step, qmin, qmax, channel_dim, grad_scale, min_step):
     """The op on checked Python arguments: the kernels, or the reference."""
-    if _backend.use_extension(x.device.type) and not in_functorch_transform():
+    if not _backend.use_extension(_device_type(x)):
+        return reference.fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale, min_step)
+    if torch.compiler.is_compiling():
         return torch.ops.dqa_ext.fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale, min_step)
-    return reference.fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale, min_step)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # torch.func (grad, vmap, jacrev...) runs the reference: the same math, as an
+        # autograd.Function with setup_context, which functorch supports (the op's C++ autograd
+        # it does not).
+        return reference.fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale, min_step)
+    if type(x) is torch.Tensor and not torch._C._is_torch_function_mode_enabled():
+        # The same op through the extension's own binding: a few microseconds less per call.
+        return _backend.C.fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale, min_step)
+    return torch.ops.dqa_ext.fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale, min_step)
 
 
-def in_functorch_transform():
-    """torch.func (grad, vmap, jacrev...) runs the reference: the same math, as autograd.Function
-    with setup_context, which functorch supports (the op's C++ autograd it does not)."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+def _device_type(x):
+    # x.device builds a torch.device object on every call: measurable in a per-call budget of
+    # microseconds.
+    return "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type
 
 
 def check_bits(bits):

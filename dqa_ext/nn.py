@@ -209,6 +209,18 @@ class DQAReLU(nn.Module):
         return 1.0 / math.sqrt(per_sample * self.qmax)
 
     def forward(self, x):
+        # Everything but x and the step is a function of x's shape and this module's attributes:
+        # worked out once per shape (setting any attribute forgets it), so that a call costs
+        # one op call, as nn.ReLU's does.
+        args = self._call_args
+        if args is None or args[0] != x.shape:
+            args = self._prepare_call(x)
+        # The raw step and min_step go to the op, which uses max(|step|, min_step) when learned.
+        return functional._call(x, self.step, 0, self.qmax, args[1], args[2], args[3])
+
+    _call_args = None  # (x.shape, channel axis, grad_scale, the op's min_step)
+
+    def _prepare_call(self, x):
         dim = self._channel_axis(x)
         if not self.initialized or self.is_lazy or self._calibration is not None:
             self._initialize(x, dim)
@@ -217,8 +229,15 @@ class DQAReLU(nn.Module):
                 f"DQAReLU: this module has {self.step.numel()} per-channel steps but got an input with "
                 f"{x.shape[dim]} channels along channel_dim={self.channel_dim}; a ReLU module reused at "
                 "places with different channel counts needs separate modules or per_channel=False")
-        # The raw step and min_step go to the op, which uses max(|step|, min_step) when learned.
-        return functional._call(x, self.step, 0, self.qmax, dim, self._grad_scale(x, dim), self._op_min_step())
+        args = (x.shape, dim, self._grad_scale(x, dim), self._op_min_step())
+        ready = self.initialized and not self.is_lazy and self._calibration is None
+        if ready and not torch.compiler.is_compiling():
+            self.__dict__["_call_args"] = args
+        return args
+
+    def __setattr__(self, name, value):
+        self.__dict__.pop("_call_args", None)  # any attribute may change the call's arguments
+        super().__setattr__(name, value)
 
     def _op_min_step(self):
         """The op's min_step: a learned step is used as max(|step|, min_step), a fixed one as is."""

@@ -72,24 +72,31 @@ class FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFuncti
     at::AutoDispatchBelowADInplaceOrView guard;
     Variable y = fake_quantize_op(x, step, qmin, qmax, channel_dim, grad_scale, min_step);
     ctx->save_for_backward({x, step});
-    ctx->saved_data["qmin"] = qmin;
-    ctx->saved_data["qmax"] = qmax;
-    ctx->saved_data["channel_dim"] = channel_dim;
-    ctx->saved_data["grad_scale"] = grad_scale;
-    ctx->saved_data["min_step"] = min_step;
+    // One entry, not five: each is a string-keyed map insert on every call.
+    ctx->saved_data["args"] = c10::ivalue::Tuple::create(qmin, qmax, channel_dim, grad_scale, min_step);
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
     const bool need_step_grad = ctx->needs_input_grad(1);
-    auto out = FakeQuantizeBackwardFunction::apply(
-        grads[0], saved[0], saved[1], ctx->saved_data["qmin"].toInt(),
-        ctx->saved_data["qmax"].toInt(), ctx->saved_data["channel_dim"].toInt(),
-        ctx->saved_data["grad_scale"].toDouble(), need_step_grad,
-        ctx->saved_data["min_step"].toDouble());
-    return {out[0], need_step_grad ? out[1] : Variable(), Variable(), Variable(),
-            Variable(),  Variable(),                      Variable()};
+    const auto args = ctx->saved_data["args"].toTuple();
+    const auto& a = args->elements();
+    at::Tensor dx, dstep;
+    if (torch::autograd::GradMode::is_enabled()) {  // create_graph=True: a node that raises
+      auto out = FakeQuantizeBackwardFunction::apply(grads[0], saved[0], saved[1], a[0].toInt(),
+                                                     a[1].toInt(), a[2].toInt(), a[3].toDouble(),
+                                                     need_step_grad, a[4].toDouble());
+      dx = out[0];
+      dstep = out[1];
+    } else {  // the usual backward: no graph to record, so no Function around the op
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(dx, dstep) =
+          fake_quantize_backward_op(grads[0], saved[0], saved[1], a[0].toInt(), a[1].toInt(),
+                                    a[2].toInt(), a[3].toDouble(), need_step_grad, a[4].toDouble());
+    }
+    return {dx, need_step_grad ? dstep : Variable(), Variable(), Variable(),
+            Variable(), Variable(), Variable()};
   }
 };
 
