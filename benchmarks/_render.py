@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import _summary  # noqa: E402
 
-RECORDS = ("kernels", "training", "training_overhead", "targets", "parity_notes")
+RECORDS = ("kernels", "training", "training_overhead", "calls", "targets", "parity_notes")
 
 
 def collector_of(data):
@@ -26,7 +26,9 @@ def collector_of(data):
     for r in data.get("training", []):
         col.training[(r["device"], r["net"], r["variant"])] = r
     for r in data.get("training_overhead", []):
-        col.overheads[(r["device"], r["net"], r["variant"])] = r
+        col.overheads[(r["device"], r["net"], r["variant"], r.get("compiled", False))] = r
+    for r in data.get("calls", []):
+        col.calls[(r["device"], r["impl"], r["pass"])] = r
     for n in data.get("parity_notes", []):
         col.notes[(n["impl"], n["topic"])] = [tuple(x) for x in n["seen"]]
     return col

@@ -58,11 +58,11 @@ def _check_dqa_layers(model, x, y):
         inp, out = seen[(m, "fwd")]
         dx, dy = seen[(m, "bwd")]
         dim = m.channel_dim % inp.dim()
-        step = m.step.detach().abs().clamp_min(m.min_step) if m.mode == "dynamic" else m.step
-        args = (step, 0, m.qmax, m.channel_dim)
-        assert torch.equal(out, reference.fake_quantize_forward(inp, *args)), f"{m}: y differs from the reference"
+        step, args = m.effective_step, (m.step.detach(), 0, m.qmax, m.channel_dim)
         g = m._grad_scale(inp, dim)
-        ref_dx, ref_ds = reference.fake_quantize_backward(dy, inp, *args, g, True)
+        y_ref = reference.fake_quantize_forward(inp, *args, g, m._op_min_step())
+        assert torch.equal(out, y_ref), f"{m}: y differs from the reference"
+        ref_dx, ref_ds = reference.fake_quantize_backward(dy, inp, *args, g, True, m._op_min_step())
         assert torch.equal(dx, ref_dx), f"{m}: dx differs from the reference"
         if m.mode == "dynamic":
             v = inp.float() / reference._step_view(inp, step, dim)
@@ -101,39 +101,44 @@ def test_training_step(device, net, variant, benchmark, bench):
         bench.results.add_training(device, net, variant, median, x.shape[0])
 
 
-PAIRED_ROUNDS = {"cpu": 7, "cuda": 21}
+PAIRED_ROUNDS = {"cpu": 9, "cuda": 21}
 # A round times this many steps of a variant back to back: one GPU step lasts milliseconds, so a
 # single one would measure the timer and the synchronisation as much as the step.
 STEPS_PER_ROUND = {"cpu": 1, "cuda": 10}
+OVERHEAD_CASES = [(d, n, c) for d in ("cpu", "cuda") for n in NETS for c in (False, True)]
 
 
-@pytest.mark.parametrize("device,net", [(d, n) for d in ("cpu", "cuda") for n in NETS],
-                         ids=[f"{d}-{n}" for d in ("cpu", "cuda") for n in NETS])
-def test_training_overhead(device, net, benchmark, bench):
+@pytest.mark.parametrize("device,net,compiled", OVERHEAD_CASES,
+                         ids=[f"{d}-{n}-{'compiled' if c else 'eager'}" for d, n, c in OVERHEAD_CASES])
+def test_training_overhead(device, net, compiled, benchmark, bench):
     """The overhead in percent, robust to a machine whose load drifts: every round times one
     step of each variant back to back (in rotating order); the overhead is the median over
-    rounds of DQAReLU's time over nn.ReLU's in the same round."""
+    rounds of DQAReLU's time over nn.ReLU's in the same round. compiled: each model under
+    torch.compile (the first steps compile it, outside the timed rounds)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if benchmark.disabled:
-        pytest.skip("timing only (parity is checked by test_training_step)")
-    steps = {v: _train_step(*_build(net, v, device)) for v in VARIANTS}
+        pytest.skip("timing only (parity is checked by test_training_step and tests/test_compile.py)")
+    steps = {}
+    for v in VARIANTS:
+        model, opt, x, y = _build(net, v, device)
+        steps[v] = _train_step(torch.compile(model) if compiled else model, opt, x, y)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for step in steps.values():  # warm-up: optimizer state, allocator
-        step()
-        step()
+    for step in steps.values():  # warm-up: compilation, optimizer state, allocator
+        for _ in range(3):
+            step()
     names = list(steps)
     ratios = {v: [] for v in names if v != "relu"}
+    times = {v: [] for v in names}
     for r in range(PAIRED_ROUNDS[device]):
-        times = {}
         for v in names[r % len(names):] + names[:r % len(names)]:
             sync()
             t0 = time.perf_counter()
             for _ in range(STEPS_PER_ROUND[device]):
                 steps[v]()
             sync()
-            times[v] = time.perf_counter() - t0
+            times[v].append((time.perf_counter() - t0) / STEPS_PER_ROUND[device])
         for v in ratios:
-            ratios[v].append(times[v] / times["relu"])
+            ratios[v].append(times[v][-1] / times["relu"][-1])
     for v, rs in ratios.items():
-        bench.results.add_overhead(device, net, v, statistics.median(rs) - 1, len(rs))
+        bench.results.add_overhead(device, net, v, rs, compiled, statistics.median(times[v]))

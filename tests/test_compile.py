@@ -7,6 +7,7 @@ from torch import nn
 import dqa_ext
 
 from conftest import DEVICES, needs_extension
+from parity import bitwise_equal, step_grad_tolerance
 
 
 def opcheck_inputs(device):
@@ -84,3 +85,97 @@ def test_compile_fullgraph_matches_eager(device, mode, backend_name, backend):
         torch.testing.assert_close(g_c[name], g_e[name], rtol=1e-4, atol=1e-6, msg=name)
     if mode == "dynamic":
         assert any(g_e[n].abs().sum() > 0 for n in g_e if n.endswith("step"))
+
+
+# --- under torch.compile the ops decompose into code Inductor fuses (dqa_ext/ops.py) ---
+
+def no_inductor_cache():
+    """Inductor's on-disk caches key a graph by its ops, not by the decompositions registered for
+    them: a test of today's decompositions must not read code compiled with other ones."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(force_disable_caches=True)
+
+
+def _op(x, step, min_step):
+    return torch.ops.dqa_ext.fake_quantize(x, step, 0, 3, 1, 0.7, min_step)
+
+
+def _dy_like(x):
+    return torch.cos(torch.arange(x.numel(), device=x.device, dtype=torch.float32)).reshape(x.shape).to(x.dtype)
+
+
+def _with_grads(fn, x, step, min_step):
+    y = fn(x, step, min_step)
+    return (y, *torch.autograd.grad(y, (x, step), _dy_like(y)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("min_step", [0.0, 0.05])
+def test_compiled_op_is_bitwise_the_eager_op(device, dtype, layout, min_step):
+    """Inductor's code for the decomposed op: y and dx bitwise equal to the eager kernels (IEEE
+    division, round half to even, the same clamp); dstep within float32 summation error."""
+    needs_extension(device)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 6, 5, 7, generator=g) * 3).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    step = (torch.rand(6, generator=g) + 0.05).to(device)
+    if min_step:
+        step = step * torch.tensor([1, -1, 1, -1, 1, 1.0], device=device)
+        step[4] = 0.01  # under min_step
+    step.requires_grad_()
+    torch._dynamo.reset()
+    eager = _with_grads(_op, x, step, min_step)
+    with no_inductor_cache():
+        compiled = _with_grads(torch.compile(_op, fullgraph=True), x, step, min_step)
+    bitwise_equal(compiled[0], eager[0])
+    bitwise_equal(compiled[1], eager[1])
+    tol = step_grad_tolerance(_dy_like(x), x.detach(), step.detach(), 0, 3, 1, 0.7, min_step)
+    assert bool(((compiled[2] - eager[2]).abs() <= tol + 1e-6 * eager[2].abs()).all()), (compiled[2], eager[2])
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "fixed"])
+def test_compiled_conv_bn_block_fuses_the_quantizer(mode):
+    """No extern call for the quantizer in Inductor's code, forward or backward: it fuses into
+    BatchNorm's kernels as nn.ReLU does."""
+    needs_extension("cpu")
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                          dqa_ext.DQAReLU(2, mode, num_channels=8, init_step=0.4))
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    compiled = torch.compile(block)
+
+    def step():
+        out = compiled(x)
+        out.sum().backward()
+        return out
+
+    with no_inductor_cache():
+        out, code = run_and_get_code(step)
+    code = "\n".join(code)
+    assert "fake_quantize" in code  # the kernel names say what they fused
+    assert "ops.dqa_ext" not in code and "extern_kernels.dqa" not in code, "the quantizer is an extern call"
+    bitwise_equal(out, block(x))
+
+
+def test_import_leaves_inductor_unloaded_and_registers_when_it_loads():
+    """Importing Inductor costs more than a second: dqa_ext registers its decompositions when
+    torch.compile imports it, not at `import dqa_ext`."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, dqa_ext\n"
+            "assert 'torch._inductor.decomposition' not in sys.modules, 'dqa_ext imported Inductor'\n"
+            "import torch._inductor.decomposition as d\n"
+            "ops = torch.ops.dqa_ext\n"
+            "assert ops.fake_quantize.default in d.decompositions\n"
+            "assert ops.fake_quantize_backward.default in d.decompositions\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -479,6 +479,63 @@ def test_double_backward_is_refused_by_the_kernels_and_computed_by_the_reference
     torch.testing.assert_close(ggx, 2 * inside.float())  # d/dx of 2*y*mask: 2*mask*mask
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "fixed"])
+def test_double_backward_through_the_module_gives_one_clear_line(mode, backend):
+    """Fixed mode too (the step needs no gradient there): the same message, not a shape error."""
+    needs_extension("cpu")
+    backend("extension")
+    m = dqa_ext.DQAReLU(2, mode, num_channels=3, init_step=0.5)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    (gx,) = torch.autograd.grad((m(x) ** 2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="backward is not differentiable, so double backward"):
+        gx.sum().backward()
+
+
+def test_call_arguments_follow_attribute_changes():
+    """DQAReLU works out its call's arguments once per input shape; setting an attribute (here the
+    gradient scale) must be seen by the next call."""
+    m = dqa_ext.DQAReLU(2, num_channels=3, init_step=0.5, grad_scale=1.0)
+    x = torch.randn(2, 3, 4, 4)
+    m(x).sum().backward()
+    first = m.step.grad.clone()
+    m.step.grad = None
+    m.grad_scale = 0.25
+    m(x).sum().backward()
+    torch.testing.assert_close(m.step.grad, first * 0.25)
+    m.step.grad = None
+    m(torch.cat([x, x])).sum().backward()  # another shape: arguments worked out again
+    torch.testing.assert_close(m.step.grad, first * 0.5)
+
+
+def test_torch_function_modes_and_subclasses_see_the_op():
+    """The eager fast entry is taken only for plain tensors with no __torch_function__ mode: a
+    mode (FlopCounter, device contexts...) or a subclass goes through torch.ops and sees the op."""
+    from torch.overrides import TorchFunctionMode
+
+    needs_extension("cpu")
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    m = dqa_ext.DQAReLU(2, num_channels=3, init_step=0.5)
+    x = torch.randn(2, 3, 4, 4)
+    expected = m(x)
+    with Record():
+        y = m(x)
+    assert any("fake_quantize" in name for name in seen), seen
+    bitwise_equal(y, expected)
+
+    class Tagged(torch.Tensor):
+        pass
+
+    out = m(x.as_subclass(Tagged))
+    assert type(out) is Tagged
+    bitwise_equal(out.as_subclass(torch.Tensor), expected)
+
+
 def test_torch_func_grad_matches_autograd():
     m = dqa_ext.DQAReLU(bits=2, num_channels=3, init_step=0.5)
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
