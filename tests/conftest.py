@@ -1,13 +1,16 @@
+"""Fixtures shared by every test folder (kernels/, module/, build/, robust/); shared helpers live
+in tests/support/. Markers (pyproject.toml): slow, multiprocess, cuda."""
+
 import os
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
-import dqa_ext
-from dqa_ext import _backend
+sys.path.insert(0, str(Path(__file__).parent))  # `import support...` from any test folder
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+import dqa_ext  # noqa: E402
+from dqa_ext import _backend  # noqa: E402
 
 
 def pytest_report_header(config):
@@ -28,8 +31,3 @@ def backend():
     before = _backend.get_backend()
     yield dqa_ext.set_backend
     dqa_ext.set_backend(before)
-
-
-def needs_extension(device):
-    if not _backend.BUILT_FOR.get(device, False):
-        pytest.skip(f"the extension has no {device} kernels in this build")

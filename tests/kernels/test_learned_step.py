@@ -8,8 +8,8 @@ import torch
 import dqa_ext
 from dqa_ext import reference
 
-from conftest import DEVICES, needs_extension
-from parity import bitwise_equal, check_parity
+from support.devices import DEVICES, needs_extension
+from support.parity import bitwise_equal, check_parity
 
 MIN_STEP = 0.05
 # Raw steps on every branch: positive, negative, inside (-min_step, min_step), zero, exactly

@@ -17,7 +17,7 @@ import torch
 import dqa_ext
 from dqa_ext import _backend, _extras
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_cuda_config():

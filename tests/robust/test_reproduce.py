@@ -11,6 +11,8 @@ from dqa_ext.robust.errors import UserError
 
 from test_robust_data import _write_cifar, _write_mnist
 
+pytestmark = [pytest.mark.slow]
+
 rep = importlib.import_module("dqa_ext.robust.reproduce")
 
 

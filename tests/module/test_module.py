@@ -11,8 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dqa_ext
 from dqa_ext import _backend, reference
 
-from conftest import DEVICES, needs_extension
-from parity import bitwise_equal
+from support.devices import DEVICES, needs_extension
+from support.parity import bitwise_equal
 
 
 def test_lsq_initialisation_per_channel_and_per_tensor():

@@ -12,7 +12,7 @@ from torch import fx, nn
 import dqa_ext
 from dqa_ext.convert import ConvertReport
 
-from conftest import DEVICES
+from support.devices import DEVICES
 
 
 # --- torchvision-shaped ResNet: BasicBlock and Bottleneck reuse one inplace self.relu ---

@@ -7,7 +7,7 @@ CUDA-side file that sees torch."""
 import pathlib
 import re
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 PLAIN = {"dqa_plan.h", "dqa_walk.h", "../dqa_math.h", "cuda/dqa_plan.h", "cuda/dqa_walk.h"}
 PROJECT = PLAIN | {"dqa_kernels.cuh", "dqa_device.cuh"}

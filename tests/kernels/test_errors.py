@@ -9,7 +9,7 @@ import torch
 import dqa_ext
 from dqa_ext import reference
 
-from conftest import needs_extension
+from support.devices import needs_extension
 
 X = torch.randn(2, 3, 4, 4)
 S = torch.rand(3) + 0.1

@@ -10,8 +10,8 @@ import torch
 
 from dqa_ext import reference
 
-from conftest import DEVICES, needs_extension
-from parity import bitwise_equal, check_parity
+from support.devices import DEVICES, needs_extension
+from support.parity import bitwise_equal, check_parity
 
 
 def spec_scalar(x, s, qmin, qmax, dy):

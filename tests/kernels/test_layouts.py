@@ -6,8 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICES, needs_extension
-from parity import bitwise_equal, check_parity
+from support.devices import DEVICES, needs_extension
+from support.parity import bitwise_equal, check_parity
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -152,6 +152,7 @@ def _available_memory_gib():
     return 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_over_2_31_elements(device):
     """64-bit indexing: a tensor of 2**31 + 2*ncols elements, checked where 32-bit offsets wrap."""

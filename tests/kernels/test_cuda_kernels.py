@@ -9,10 +9,10 @@ import torch
 
 from dqa_ext import reference
 
-from conftest import CUDA, needs_extension
-from parity import bitwise_equal, check_parity, step_grad_tolerance
+from support.devices import CUDA, needs_extension
+from support.parity import bitwise_equal, check_parity, step_grad_tolerance
 
-pytestmark = CUDA
+pytestmark = [pytest.mark.cuda, CUDA]
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ops = torch.ops.dqa_ext

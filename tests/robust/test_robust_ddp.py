@@ -3,8 +3,12 @@ on one rank never waits for the others; dqa_ext.calibrate gives every rank the s
 import os
 import socket
 
+import pytest
+
 import torch
 import torch.multiprocessing as mp
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 SMALL = {"channels": [4, 8], "hidden": 16, "kernel": 3}
 

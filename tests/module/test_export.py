@@ -10,8 +10,8 @@ from torch import nn
 
 import dqa_ext
 
-from conftest import needs_extension
-from parity import bitwise_equal
+from support.devices import needs_extension
+from support.parity import bitwise_equal
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (pip install '.[test]')")
 pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript (pip install '.[test]')")

@@ -13,6 +13,8 @@ from dqa_ext.robust.attacks.shard import Shard
 from dqa_ext.robust.data import load_mnist5k
 from dqa_ext.robust.train import TrainConfig, load_model, train
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 ARCH = {"channels": [8, 16], "hidden": 32, "kernel": 3}
 # Every attack of the default suite at a toy budget; n is odd so that the ranks' parts differ.
 TINY = Budget(n=31, apgd_steps=8, apgd_restarts=1, apgd_t_targets=2, apgd_t_restarts=1, square_queries=60,
