@@ -317,9 +317,9 @@ def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_r
                 kind = _METHODS[node.target]
             else:
                 continue
-            x, inplace = _input_and_inplace(node, module)
-            site = dict(node=node, graph=graph, owner=owner, owner_path=path, kind=kind, x=x,
-                        later=_later_users(graph, node, x) if inplace else [], taken=taken)
+            _, inplace = _input_and_inplace(node, module)
+            site = dict(node=node, graph=graph, owner=owner, owner_path=path, kind=kind, module=module,
+                        inplace=inplace, taken=taken)
             if module is not None:
                 parent_path, _, attr = node.target.rpartition(".")
                 slot = (id(owner.get_submodule(parent_path)), attr)
@@ -350,6 +350,10 @@ def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_r
             report.add(site["name"], site["kind"], site["owner_path"], "skipped", "by the skip option")
             continue
         node, graph = site["node"], site["graph"]
+        # Read now, not when the sites were listed: an earlier rewrite may have replaced this
+        # call's input (a chained F.relu(x).relu_()).
+        x = _input_and_inplace(node, site["module"])[0]
+        later = _later_users(graph, node, x) if site["inplace"] else []
         entry = rewrites.setdefault(id(site["owner"]), dict(path=site["owner_path"], owner=site["owner"],
                                                             graph=graph, added={}, changed=False))
         if site.get("swap"):
@@ -362,14 +366,14 @@ def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_r
             attr = site["new_attr"]
             entry["added"][attr] = new()
             with graph.inserting_before(node):
-                out = graph.call_module(attr, (site["x"],))
+                out = graph.call_module(attr, (x,))
             node.replace_all_uses_with(out)
             graph.erase_node(node)
             entry["changed"] = True
             how = (f"own module (call {calls[site['slot']].index(site) + 1} of {len(calls[site['slot']])} "
                    "of a reused ReLU)" if "slot" in site else "functional call replaced")
-        for user in site["later"]:  # an inplace ReLU changed its input for these readers
-            user.replace_input_with(site["x"], out)
+        for user in later:  # an inplace ReLU changed its input for these readers
+            user.replace_input_with(x, out)
             entry["changed"] = True
         report.add(site["name"], site["kind"], site["owner_path"], "converted", how)
 

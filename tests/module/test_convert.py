@@ -433,3 +433,35 @@ def test_plain_tensor_attributes_survive_a_rewrite():
     # Kept as non-persistent buffers: they move with .to() and add no state_dict key.
     assert set(out.state_dict()) == keys | {"relu.step", "relu._extra_state"}
     assert "mask" in dict(out.named_buffers()) and "scale" not in out.inner._buffers  # the child is unchanged
+
+
+CHAINS = {
+    "F.relu(x).relu_()": lambda conv, x: F.relu(conv(x)).relu_(),
+    "x.relu().relu_()": lambda conv, x: conv(x).relu().relu_(),
+    "torch.relu(F.relu(x, inplace=True))": lambda conv, x: torch.relu(F.relu(conv(x), inplace=True)) + 1,
+}
+
+
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_chained_relu_calls_each_get_their_own_dqarelu(chain):
+    """A ReLU applied to another ReLU's output: both calls converted, in order (an earlier rewrite
+    replaces the node the second call reads)."""
+
+    class Chained(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return CHAINS[chain](self.conv, x)
+
+    torch.manual_seed(0)
+    model = Chained()
+    x = torch.randn(2, 3, 5, 5)
+    converted, report = dqa_ext.convert(model, bits=2, mode="fixed", return_report=True)
+    assert len(report.converted) == 2 and not report.left, report
+    first, second = (converted.get_submodule(s.name) for s in report.converted)
+    expected = second(first(model.conv(x)))
+    if chain.endswith("inplace=True))"):
+        expected = expected + 1
+    assert torch.equal(converted(x), expected)
