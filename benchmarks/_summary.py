@@ -1,5 +1,5 @@
 """The session's results: per-case medians collected by the tests, the summary tables (terminal and
-benchmarks/results/<machine>.md), the targets of issue 4 with met/missed, and the JSON record."""
+benchmarks/results/<machine>.md), the targets with met/missed, and the JSON record."""
 
 import datetime
 import json

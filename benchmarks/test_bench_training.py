@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import _cases
 from _measure import measure
 
-# input shape, batch per device: ResNet-20 trains at batch 256 on a GPU (the GPU issue's target),
+# input shape, batch per device: ResNet-20 trains at batch 256 on a GPU (the GPU targets),
 # 128 on a CPU (a step of seconds on 2 cores).
 NETS = {"mnist_cnn": ((1, 28, 28), {"cpu": 256, "cuda": 256}),
         "resnet20": ((3, 32, 32), {"cpu": 128, "cuda": 256})}

@@ -59,6 +59,12 @@ void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, double g
   TORCH_CHECK(std::isfinite(grad_scale), "dqa_ext: grad_scale must be finite, got ", grad_scale);
 }
 
+// A learned step that is NaN or inf was written by an optimizer step: say where it came from.
+constexpr const char* kLearnedStepHint =
+    "; a learned step becomes NaN or inf after a training step whose input, loss or gradients "
+    "had NaN or inf values (torch.autograd.detect_anomaly() finds where): reload a checkpoint or "
+    "re-initialise the steps (dqa_ext.calibrate)";
+
 std::vector<float> effective_steps(const at::Tensor& step, double min_step) {
   const at::Tensor s = step.contiguous();
   const float* p = s.const_data_ptr<float>();
@@ -67,7 +73,8 @@ std::vector<float> effective_steps(const at::Tensor& step, double min_step) {
   for (const auto i : c10::irange(s.numel())) {
     out[i] = effective_step(p[i], m);
     TORCH_CHECK(std::isfinite(out[i]) && out[i] > 0.f, "dqa_ext: step must be finite and > 0",
-                m > 0.f ? " (as max(|step|, min_step))" : "", ", got step[", i, "] = ", p[i]);
+                m > 0.f ? " (as max(|step|, min_step))" : "", ", got step[", i, "] = ", p[i],
+                m > 0.f ? kLearnedStepHint : "");
   }
   return out;
 }

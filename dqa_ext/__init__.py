@@ -1,6 +1,6 @@
 """dqa_ext: fused quantized activations (DQA, Rakin et al. 2018) for PyTorch."""
 
-from . import functional, reference
+from . import export, functional, reference  # export: ONNX registrations, made lazily
 from ._backend import backend_info, set_backend
 from .calibrate import calibrate, freeze_steps
 from .convert import ConvertReport, convert

@@ -30,8 +30,8 @@ def _restore(saved):
     """Flags and steps as they were before calibrate (a step that was lazy stays made, but its
     flag says uninitialised, as before: the next forward initialises it)."""
     with torch.no_grad():
-        for m, initialized, step in saved:
-            m.initialized = initialized
+        for m, initialized, pending, step in saved:
+            m.initialized, m._pending = initialized, pending
             if step is not None:
                 m.step.copy_(step)
 
@@ -60,7 +60,7 @@ def calibrate(model, batches, distributed=None):
     was_training = model.training
     # What calibrate changes, put back if it fails: a half-done calibration must not leave flags
     # that make the next plain forward re-initialise from its own batch.
-    saved = [(m, m.initialized, None if m.is_lazy else m.step.detach().clone()) for m in acts]
+    saved = [(m, m.initialized, m._pending, None if m.is_lazy else m.step.detach().clone()) for m in acts]
     seen, done = 0, False
     try:
         for m in acts:

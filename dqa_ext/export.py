@@ -12,15 +12,18 @@ levels. The clamp bounds are float32 products qmin*s, qmax*s: x/s of a clamped v
 exactly qmin or qmax (the product is within one rounding of the bound, far under half a level),
 so the levels are those of the PyTorch op. ONNX needs levels that fit 8 bits (DQAReLU: bits <= 8).
 
-`onnx_export(model, args, ...)` is torch.onnx.export(..., dynamo=True) with the translation;
-`register_onnx()` adds it to the exporter's default table, so a plain
-torch.onnx.export(model, args, dynamo=True) works too (dqa_ext.export registers on import)."""
+Both ONNX exporters work after `import dqa_ext`, with nothing else to import or pass:
+torch.onnx.export(..., dynamo=True) finds the translation in onnxscript's torchlib table, where
+dqa_ext adds it when onnxscript is imported; the TorchScript exporter (dynamo=False) finds the
+same graph as a custom-op symbolic, registered when torch.onnx is imported. `onnx_export(model,
+args, ...)` is torch.onnx.export(..., dynamo=True) with the translation passed explicitly."""
 
 import math
 
 import torch
 
 from . import _backend
+from ._after_import import after_import
 
 _OP = "dqa_ext::fake_quantize"
 
@@ -76,6 +79,45 @@ def fake_quantize_onnx(x, step, qmin, qmax, channel_dim=1, grad_scale=1.0, min_s
     return op.Cast(y, to=dtype) if dtype != ir.DataType.FLOAT else y
 
 
+def _symbolic(g, x, step, qmin, qmax, channel_dim, grad_scale, min_step):
+    """The same graph for the TorchScript exporter (torch.onnx.export(..., dynamo=False))."""
+    from torch.onnx import symbolic_helper as sh
+
+    qmin, qmax, channel_dim = (sh._get_const(v, "i", n) for v, n in
+                               ((qmin, "qmin"), (qmax, "qmax"), (channel_dim, "channel_dim")))
+    min_step = sh._get_const(min_step, "f", "min_step")
+    levels = torch.uint8 if 0 <= qmin and qmax <= 255 else torch.int8
+    if levels == torch.int8 and not (-128 <= qmin and qmax <= 127):
+        _onnx_levels(qmin, qmax)  # the same error as the dynamo path
+    sizes, rank = sh._get_tensor_sizes(step), sh._get_tensor_rank(x)
+    if sizes is None or any(d is None for d in sizes) or rank is None:
+        raise NotImplementedError("dqa_ext ONNX export: the step and x need static shapes")
+    per_channel = math.prod(sizes) != 1
+    dim = channel_dim % rank if per_channel else 0
+    dtype = x.type().scalarType()
+
+    def const(value, dtype=torch.float32):
+        return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+    xf = g.op("Cast", x, to_i=sh.cast_pytorch_to_onnx["Float"]) if dtype != "Float" else x
+    if min_step > 0:
+        step = g.op("Max", g.op("Abs", step), const(min_step))
+    if per_channel:
+        shape = [1] * rank
+        shape[dim] = -1
+        scale = g.op("Reshape", step, const([-1], torch.int64))
+        bound = g.op("Reshape", scale, const(shape, torch.int64))
+        zero = const([0] * math.prod(sizes), levels)
+    else:
+        bound = scale = g.op("Reshape", step, const([], torch.int64))
+        zero = const(0, levels)
+    clamped = g.op("Min", g.op("Max", xf, g.op("Mul", bound, const(float(qmin)))),
+                   g.op("Mul", bound, const(float(qmax))))
+    axis = {"axis_i": dim} if per_channel else {}
+    y = g.op("DequantizeLinear", g.op("QuantizeLinear", clamped, scale, zero, **axis), scale, zero, **axis)
+    return g.op("Cast", y, to_i=sh.cast_pytorch_to_onnx[dtype]) if dtype != "Float" else y
+
+
 def onnx_translation_table():
     """{op: ONNX translation}: pass as torch.onnx.export(..., custom_translation_table=...)."""
     table = {}
@@ -92,19 +134,17 @@ def onnx_export(model, args, f=None, **kwargs):
     return torch.onnx.export(model, args, f, dynamo=True, custom_translation_table=table, **kwargs)
 
 
-def register_onnx():
+def _register_translation(registration):
     """Adds the translation to onnxscript's torchlib table, which torch.onnx.export(dynamo=True)
-    reads on every call; False when onnxscript is not installed or the kernels are not loaded (the
-    reference path exports as plain aten ops, which need no translation)."""
-    if not _backend.LOADED:
-        return False
-    try:
-        from onnxscript.function_libs.torch_lib import registration
-    except ImportError:
-        return False
-    if _OP not in registration.default_registry:
+    reads on every call (the reference path exports as plain aten ops and needs none)."""
+    if _backend.LOADED and _OP not in registration.default_registry:
         registration.torch_op(_OP, trace_only=True)(fake_quantize_onnx)
-    return True
 
 
-REGISTERED = register_onnx()
+def _register_symbolic(onnx):
+    if _backend.LOADED:
+        onnx.register_custom_op_symbolic(_OP, _symbolic, 13)  # per-axis QuantizeLinear: opset 13
+
+
+after_import("onnxscript.function_libs.torch_lib.registration", _register_translation)
+after_import("torch.onnx", _register_symbolic)

@@ -16,18 +16,33 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 _Lazy = nn.parameter.UninitializedTensorMixin
 
 
-class _LazyStepBuffer(nn.UninitializedBuffer):
-    """A fixed-mode lazy step; unlike torch's UninitializedBuffer it survives copy.deepcopy."""
-
-    def __deepcopy__(self, memo):
-        if id(self) not in memo:
-            memo[id(self)] = type(self)(self.requires_grad, self.data.device, torch.float32)
-        return memo[id(self)]
-
-
 def _lazy_like(lazy, device):
-    """A fresh uninitialised step of lazy's kind on device, float32."""
+    """A fresh uninitialised learned step on device, float32."""
     return type(lazy)(requires_grad=lazy.requires_grad, device=device, dtype=torch.float32)
+
+
+def _is_placeholder(step):
+    """A step not made yet: a lazy learned step (torch's UninitializedParameter), or the empty
+    buffer a fixed step waits in. The fixed one is a real tensor so that torch.export,
+    torch.onnx.export and torch.jit.trace, which read every buffer first, work before the first
+    forward: the fixed step's value is known."""
+    return isinstance(step, _Lazy) or (isinstance(step, torch.Tensor) and step.numel() == 0)
+
+
+_EXTRA_FORMAT = 1  # the first field of the extra-state tensor
+
+
+def _extra_state_dict(state):
+    """The extra state as a dict ({} when absent): today's int64 tensor, or the dict that
+    dqa_ext 0.1 saved ({"initialized", "bits"}, no mode)."""
+    if state is None:
+        return {}
+    if isinstance(state, dict):
+        return state
+    if isinstance(state, torch.Tensor) and state.dim() == 1 and state.numel() == 4 and int(state[0]) == _EXTRA_FORMAT \
+            and 0 <= int(state[3]) < len(_MODES):
+        return {"initialized": bool(state[1]), "bits": int(state[2]), "mode": _MODES[int(state[3])]}
+    raise ValueError(f"the state_dict's _extra_state is not one dqa_ext wrote: {state!r}")
 
 
 def _where(prefix):
@@ -44,6 +59,12 @@ def _warn_if_distributed():
                       "this rank's own batch, and DDP does not re-sync parameters after wrapping: call "
                       "dqa_ext.calibrate(model, batches) on every rank, or run the first forward before "
                       "wrapping the model in DDP", stacklevel=2)
+
+
+def _exporting():
+    """torch.export / torch.onnx.export(dynamo=True), or TorchScript tracing (the other exporter)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting()) or torch.jit.is_tracing()
 
 
 def _step_applied(fn, t):
@@ -116,7 +137,7 @@ class DQAReLU(nn.Module):
             step = nn.UninitializedParameter(dtype=torch.float32) if n is None else nn.Parameter(self._start(n))
             self.register_parameter("step", step)
         else:
-            step = _LazyStepBuffer(dtype=torch.float32) if n is None else self._start(n)
+            step = torch.empty(0) if n is None else self._start(n)
             self.register_buffer("step", step)
 
     def _start(self, n, device=None):
@@ -125,7 +146,7 @@ class DQAReLU(nn.Module):
 
     @property
     def is_lazy(self):
-        return isinstance(self.step, _Lazy)
+        return _is_placeholder(self.step)
 
     @property
     def num_channels(self):
@@ -149,7 +170,10 @@ class DQAReLU(nn.Module):
 
     def _materialize(self, shape, device):
         with torch.no_grad():
-            self.step.materialize(shape, device=device, dtype=torch.float32)
+            if isinstance(self.step, _Lazy):
+                self.step.materialize(shape, device=device, dtype=torch.float32)
+            else:  # a fixed step's empty placeholder
+                self._buffers["step"] = torch.empty(shape, device=device, dtype=torch.float32)
             self.step.copy_(self._start(self.step.numel(), device))
 
     def _batch_stats(self, x, dim):
@@ -161,16 +185,29 @@ class DQAReLU(nn.Module):
             return reference.sum_but(a, dim).double(), reference.sum_but(finite, dim).double()
         return a.sum().reshape(1).double(), finite.sum().reshape(1).double()
 
+    _pending = None  # channels still waiting for a batch with finite values (bool, per step)
+
     def _set_step(self, total, count):
-        """LSQ's 2*mean(|x|)/sqrt(qmax); a channel without finite values leaves the step as it is."""
-        empty = (count == 0).nonzero().reshape(-1)
-        if empty.numel():
-            where = "the batch" if not self.per_channel else f"channel {int(empty[0])} of the batch"
-            warnings.warn(f"DQAReLU: {where} has no finite values (empty, NaN or inf): the step stays "
-                          "uninitialised and the next batch will initialise it", stacklevel=4)
+        """LSQ's 2*mean(|x|)/sqrt(qmax) for every channel still waiting that has finite values in
+        this batch; a channel without any waits for the next batch (the module is initialised
+        once every channel is)."""
+        waiting = self._pending if self._pending is not None else torch.ones_like(count, dtype=torch.bool)
+        ready = waiting & (count > 0)
+        mean_abs = (total / count.clamp_min(1)).float().to(self.step.device)
+        new = (2 * mean_abs / math.sqrt(self.qmax)).clamp_min(self.min_step).reshape(-1)
+        self.step.copy_(torch.where(ready.to(self.step.device).reshape(-1), new, self.step.reshape(-1)))
+        waiting = waiting & ~ready
+        if bool(waiting.any()):
+            empty = waiting.nonzero().reshape(-1).tolist()
+            where = "the batch" if not self.per_channel else (
+                f"channel{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty[:10]))}"
+                + (f" (and {len(empty) - 10} more)" if len(empty) > 10 else "") + " of the batch")
+            warnings.warn(f"DQAReLU: {where} ha{'ve' if len(empty) > 1 else 's'} no finite values (empty, NaN "
+                          "or inf): left uninitialised, the next batch initialises "
+                          f"{'them' if len(empty) > 1 else 'it'}", stacklevel=4)
+            self._pending = waiting
             return
-        mean_abs = (total / count).float()
-        self.step.copy_((2 * mean_abs / math.sqrt(self.qmax)).clamp_min(self.min_step).reshape(-1))
+        self._pending = None
         self.initialized = True
 
     def _initialize(self, x, dim):
@@ -197,6 +234,7 @@ class DQAReLU(nn.Module):
         if self._calibration["stats"] is not None:
             both += self._calibration["stats"]
         self._calibration["stats"] = both
+        self._pending = None  # the statistics so far set every channel that has any
         self._set_step(both[0], both[1])
 
     def _grad_scale(self, x, dim):
@@ -214,21 +252,34 @@ class DQAReLU(nn.Module):
         # one op call, as nn.ReLU's does.
         args = self._call_args
         if args is None or args[0] != x.shape:
+            if (self.is_lazy or not self.initialized) and _exporting():
+                return self._export_before_first_forward(x)
             args = self._prepare_call(x)
         # The raw step and min_step go to the op, which uses max(|step|, min_step) when learned.
         return functional._call(x, self.step, 0, self.qmax, args[1], args[2], args[3])
 
     _call_args = None  # (x.shape, channel axis, grad_scale, the op's min_step)
 
+    def _export_before_first_forward(self, x):
+        """torch.export, torch.onnx.export or torch.jit.trace before the first forward: a fixed
+        step is known (every channel init_step or 1/qmax), so it is exported as one constant and
+        the module stays as it is; a learned step comes from data that tracing does not have."""
+        if self.mode == "dynamic":
+            raise RuntimeError("DQAReLU: the learned step is set from the first batch the module sees, and it "
+                               "has seen none: run one forward (or dqa_ext.calibrate(model, batches), or "
+                               "load a state_dict) before exporting")
+        step = self._start(1, x.device)
+        return functional._call(x, step, 0, self.qmax, self._channel_axis(x), 1.0, 0.0)
+
     def _prepare_call(self, x):
         dim = self._channel_axis(x)
-        if not self.initialized or self.is_lazy or self._calibration is not None:
-            self._initialize(x, dim)
-        if self.per_channel and self.step.numel() != x.shape[dim]:
+        if self.per_channel and not self.is_lazy and self.step.numel() != x.shape[dim]:
             raise ValueError(
                 f"DQAReLU: this module has {self.step.numel()} per-channel steps but got an input with "
                 f"{x.shape[dim]} channels along channel_dim={self.channel_dim}; a ReLU module reused at "
                 "places with different channel counts needs separate modules or per_channel=False")
+        if not self.initialized or self.is_lazy or self._calibration is not None:
+            self._initialize(x, dim)
         args = (x.shape, dim, self._grad_scale(x, dim), self._op_min_step())
         ready = self.initialized and not self.is_lazy and self._calibration is None
         if ready and not torch.compiler.is_compiling():
@@ -265,7 +316,10 @@ class DQAReLU(nn.Module):
         finally:
             table["step"] = step
         with torch.no_grad():
-            if isinstance(step, _Lazy):
+            if _is_placeholder(step) and not isinstance(step, _Lazy):  # a fixed step's placeholder
+                table["step"] = _step_applied(fn, step)
+                self._moved = True
+            elif isinstance(step, _Lazy):
                 try:
                     device = fn(torch.empty(0, device=step.device)).device
                 except NotImplementedError:  # a meta placeholder cannot be copied out: ask a CPU one
@@ -285,14 +339,17 @@ class DQAReLU(nn.Module):
         return out
 
     def get_extra_state(self):
-        # Whether the step was initialised (a loaded model never re-initialises) and its levels.
-        return {"initialized": self.initialized, "bits": self.bits}
+        # Whether the step was initialised (a loaded model never re-initialises), the levels and the
+        # mode, as an int64 tensor: every state_dict value stays a tensor (TorchScript's ONNX
+        # exporter and safetensors take nothing else).
+        return torch.tensor([_EXTRA_FORMAT, int(self.initialized), self.bits, _MODES.index(self.mode)])
 
     def set_extra_state(self, state):
-        self.initialized = bool(state["initialized"])
+        self.initialized = bool(_extra_state_dict(state)["initialized"])
+        self._pending = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not self.is_lazy:
+        if not isinstance(self.step, _Lazy):
             return super()._save_to_state_dict(destination, prefix, keep_vars)
         # A lazy step is saved as it is, as torch's lazy modules do (nn.LazyLinear).
         destination[prefix + "step"] = self.step
@@ -306,13 +363,18 @@ class DQAReLU(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         key = prefix + "step"
-        extra = state_dict.get(prefix + "_extra_state")
-        if isinstance(extra, dict) and extra.get("bits", self.bits) != self.bits:
-            error_msgs.append(f"{_where(prefix)}: the state_dict is for bits={extra['bits']} "
-                              f"but this module has bits={self.bits} (build it with bits={extra['bits']})")
+        try:
+            extra = _extra_state_dict(state_dict.get(prefix + "_extra_state"))
+        except ValueError as exc:
+            error_msgs.append(f"{_where(prefix)}: {exc}")
             return
+        for name in ("bits", "mode"):
+            if extra.get(name, getattr(self, name)) != getattr(self, name):
+                error_msgs.append(f"{_where(prefix)}: the state_dict is for {name}={extra[name]!r} but this "
+                                  f"module has {name}={getattr(self, name)!r} (build it with {name}={extra[name]!r})")
+                return
         loaded = state_dict.get(key)
-        if isinstance(loaded, _Lazy):
+        if _is_placeholder(loaded):
             if not self.is_lazy:
                 error_msgs.append(f"{_where(prefix)}: the state_dict's step was saved before its "
                                   "first forward (uninitialised) but this module's step is initialised")
@@ -338,6 +400,7 @@ class DQAReLU(nn.Module):
             # No extra state (an older or third-party state_dict): a loaded step is a real one,
             # which a first forward must not overwrite.
             self.initialized = True
+            self._pending = None
 
     def extra_repr(self):
         channels = self.num_channels if self.per_channel else "per-tensor"

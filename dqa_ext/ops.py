@@ -4,13 +4,10 @@ decompositions, so that a compiled model's quantizer fuses with its neighbours (
 epilogue, a residual add) as nn.ReLU does, instead of being an opaque extern call. Eager calls
 keep the fused kernels. Imported once the library is loaded."""
 
-import importlib.abc
-import importlib.machinery
-import sys
-
 import torch
 
 from . import reference
+from ._after_import import after_import
 
 
 @torch.library.register_fake("dqa_ext::fake_quantize")
@@ -53,38 +50,5 @@ def _register_inductor_decompositions(module):
             module.register_decomposition([op])(fn)
 
 
-_INDUCTOR_DECOMPOSITIONS = "torch._inductor.decomposition"
-
-
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Runs a function on a module right after its first import. Importing Inductor costs more
-    than a second, so dqa_ext registers its decompositions when torch.compile imports it."""
-
-    def __init__(self, name, fn):
-        self.name, self.fn = name, fn
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
-            return None
-        sys.meta_path.remove(self)  # once
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        loader, fn = spec.loader, self.fn
-
-        def exec_module(module):
-            type(loader).exec_module(loader, module)
-            fn(module)
-
-        loader.exec_module = exec_module  # this spec's loader object only
-        return spec
-
-
-def _when_imported(name, fn):
-    if name in sys.modules:
-        fn(sys.modules[name])
-    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(name, fn))
-
-
-_when_imported(_INDUCTOR_DECOMPOSITIONS, _register_inductor_decompositions)
+# Importing Inductor costs more than a second: register when torch.compile imports it.
+after_import("torch._inductor.decomposition", _register_inductor_decompositions)

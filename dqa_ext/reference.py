@@ -96,8 +96,15 @@ def check_step_values(step, min_step=0.0):
     bad = ~(torch.isfinite(s) & (s > 0)).reshape(-1)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        how = " (as max(|step|, min_step))" if min_step > 0 else ""
-        raise RuntimeError(f"dqa_ext: step must be finite and > 0{how}, got step[{i}] = {step.reshape(-1)[i].item()}")
+        how, hint = (" (as max(|step|, min_step))", LEARNED_STEP_HINT) if min_step > 0 else ("", "")
+        raise RuntimeError(f"dqa_ext: step must be finite and > 0{how}, got step[{i}] = "
+                           f"{step.reshape(-1)[i].item()}{hint}")
+
+
+# A learned step that is NaN or inf was written by an optimizer step (csrc/dqa_args.cpp says the same).
+LEARNED_STEP_HINT = ("; a learned step becomes NaN or inf after a training step whose input, loss or gradients "
+                     "had NaN or inf values (torch.autograd.detect_anomaly() finds where): reload a checkpoint "
+                     "or re-initialise the steps (dqa_ext.calibrate)")
 
 
 def sum_but(t, dim):

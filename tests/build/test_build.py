@@ -401,5 +401,5 @@ def test_pyproject_splits_kernels_toolkit_and_tests():
     # onnx, onnxscript and onnxruntime: the ONNX export tests.
     assert _names(extras["test"]) == {"pytest", "hypothesis", "pytest-benchmark",
                                       "onnx", "onnxscript", "onnxruntime"}
-    # torch as a build requirement makes pip's isolated build fetch another torch (issue 8).
+    # torch as a build requirement makes pip's isolated build fetch another torch.
     assert "torch" not in _names(meta["build-system"]["requires"])

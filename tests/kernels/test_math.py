@@ -15,7 +15,7 @@ from support.parity import bitwise_equal, check_parity
 
 
 def spec_scalar(x, s, qmin, qmax, dy):
-    """The issue's formulas on one float32 value, with numpy scalars: (y, dx, t)."""
+    """The formulas of the README on one float32 value, with numpy scalars: (y, dx, t)."""
     x, s, dy = np.float32(x), np.float32(s), np.float32(dy)
     with np.errstate(all="ignore"):
         v = np.float32(x / s)

@@ -15,7 +15,7 @@ from support.parity import bitwise_equal
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (pip install '.[test]')")
 pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript (pip install '.[test]')")
-from dqa_ext import export  # noqa: E402  (registers the ONNX translation)
+from dqa_ext import export  # noqa: E402
 
 STANDARD = {"Conv", "Gemm", "MatMul", "Add", "Mul", "Max", "Min", "Clip", "Relu", "Reshape", "Flatten", "Cast",
             "QuantizeLinear", "DequantizeLinear", "GlobalAveragePool", "ReduceMean", "Constant", "Identity",
@@ -29,9 +29,18 @@ def _quiet_exporter():
     logging.disable(logging.NOTSET)
 
 
-def run_onnx(model, x):
-    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
-    proto = program.model_proto
+def run_onnx(model, x, dynamo=True):
+    """torch.onnx.export as its documentation shows it (nothing of dqa_ext passed), run by onnxruntime."""
+    if dynamo:
+        proto = torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+    else:
+        import io
+
+        import onnx
+
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False)
+        proto = onnx.load_from_string(buffer.getvalue())
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     return proto, torch.from_numpy(out)
@@ -84,6 +93,64 @@ def test_onnx_is_standard_qdq_and_onnxruntime_matches_pytorch():
     with torch.no_grad():
         ours = model(x)
     assert_onnx_matches(ours, out, x)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+def test_torchscript_onnx_exporter_gives_the_same_qdq_graph(mode):
+    """torch.onnx.export(..., dynamo=False): the op's symbolic, registered when torch.onnx loads."""
+    needs_extension("cpu")
+    torch.manual_seed(0)
+    model = dqa_ext.convert(Net(), bits=2, mode=mode)
+    model.get_submodule("relu").channel_dim = -1
+    model(torch.randn(16, 3, 8, 8) * 2)
+    model.eval()
+    x = torch.randn(4, 3, 8, 8) * 3
+    proto, out = run_onnx(model, x, dynamo=False)
+    ops = [n.op_type for n in proto.graph.node]
+    assert set(ops) <= STANDARD | {"Abs"} and ops.count("QuantizeLinear") == 2, ops
+    with torch.no_grad():
+        assert_onnx_matches(model(x), out, x)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_fixed_step_exports_before_the_first_forward(dynamo):
+    """A fixed step is known before any data (1/qmax): export needs no first forward, and the
+    module is left as it was (still lazy)."""
+    needs_extension("cpu")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), dqa_ext.DQAReLU(2, "fixed")).eval()
+    x = torch.randn(2, 3, 8, 8) * 2
+    _, out = run_onnx(model, x, dynamo=dynamo)
+    assert model[1].is_lazy
+    with torch.no_grad():
+        assert_onnx_matches(model(x), out, x)
+        bitwise_equal(torch.export.export(nn.Sequential(model[0], dqa_ext.DQAReLU(2, "fixed")), (x,)).module()(x),
+                      model(x))
+
+
+def test_learned_step_before_the_first_forward_is_one_clear_line():
+    needs_extension("cpu")
+    m = dqa_ext.DQAReLU(2, "dynamic", num_channels=3)  # made, not initialised from data
+    with pytest.raises(Exception, match="learned step is set from the first batch"):
+        torch.export.export(m, (torch.randn(2, 3, 4, 4),))
+
+
+def test_plain_onnx_export_after_import_dqa_ext_alone():
+    """The documented torch.onnx.export, in a fresh process that imports only dqa_ext: the
+    translation is registered when the exporter imports onnxscript."""
+    import subprocess
+    import sys
+
+    needs_extension("cpu")
+    code = ("import logging, sys, torch, dqa_ext\n"
+            "logging.disable(logging.WARNING)\n"
+            "assert 'onnxscript' not in sys.modules\n"
+            "m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), dqa_ext.DQAReLU(2, 'fixed')).eval()\n"
+            "p = torch.onnx.export(m, (torch.randn(2, 3, 8, 8),), dynamo=True, verbose=False)\n"
+            "ops = [n.op_type for n in p.model_proto.graph.node]\n"
+            "assert 'QuantizeLinear' in ops, ops\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("per_channel", [True, False])

@@ -117,7 +117,8 @@ def test_state_dict_round_trip_and_lazy_load():
     m = dqa_ext.DQAReLU(bits=2)
     m(torch.randn(4, 5, 3, 3))
     sd = m.state_dict()
-    assert set(sd) == {"step", "_extra_state"} and sd["_extra_state"] == {"initialized": True, "bits": 2}
+    assert set(sd) == {"step", "_extra_state"}
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())  # safetensors and TorchScript take tensors only
     fresh = dqa_ext.DQAReLU(bits=2)  # lazy, not initialised
     fresh.load_state_dict(sd)
     assert fresh.initialized and torch.equal(fresh.step, m.step)
@@ -239,7 +240,7 @@ def test_qmin_qmax_must_be_integers():
         dqa_ext.functional.fake_quantize(torch.ones(3), torch.ones(1), 0, 3.5, 0)
 
 
-# --- the first batch (issue 8): only finite values of a non-empty batch initialise the step ---
+# --- the first batch: only finite values of a non-empty batch initialise the step ---
 
 @pytest.mark.parametrize("bad", ["empty", "nan", "inf", "mixed"])
 def test_batch_without_finite_values_leaves_step_uninitialised(bad):
@@ -247,7 +248,7 @@ def test_batch_without_finite_values_leaves_step_uninitialised(bad):
          "inf": torch.full((2, 3, 4, 4), math.inf),
          "mixed": torch.tensor([math.nan, math.inf, -math.inf]).repeat(2, 3, 2, 1)[..., :2]}[bad]
     m = dqa_ext.DQAReLU(bits=2)
-    with pytest.warns(UserWarning, match="has no finite values .* the step stays uninitialised"):
+    with pytest.warns(UserWarning, match="ha(s|ve) no finite values .* left uninitialised"):
         m(x)
     assert not m.initialized and m.num_channels == 3
     assert torch.equal(m.step.detach(), torch.full((3,), 1 / 3))  # the default, usable, finite
@@ -257,13 +258,46 @@ def test_batch_without_finite_values_leaves_step_uninitialised(bad):
     torch.testing.assert_close(m.step.detach(), 2 * good.abs().mean(dim=(0, 2, 3)) / math.sqrt(3))
 
 
-def test_one_channel_without_finite_values_leaves_module_uninitialised():
-    x = torch.randn(2, 3, 4, 4)
+def test_channels_without_finite_values_wait_for_the_next_batch():
+    """The other channels are initialised from the first batch; the empty ones (each named) from
+    the next batch that has values for them, which leaves the others as they are."""
+    x = torch.randn(2, 5, 4, 4)
     x[:, 1] = math.nan
+    x[:, 3] = math.inf
     m = dqa_ext.DQAReLU(bits=2)
-    with pytest.warns(UserWarning, match="channel 1 of the batch has no finite values"):
+    with pytest.warns(UserWarning, match="channels 1, 3 of the batch have no finite values"):
         m(x)
-    assert not m.initialized and torch.isfinite(m.step).all()
+    first = 2 * x.abs().mean(dim=(0, 2, 3)) / math.sqrt(3)
+    assert not m.initialized
+    torch.testing.assert_close(m.step.detach()[[0, 2, 4]], first[[0, 2, 4]])
+    y = torch.randn(3, 5, 4, 4) * 10
+    m(y)
+    assert m.initialized
+    second = 2 * y.abs().mean(dim=(0, 2, 3)) / math.sqrt(3)
+    torch.testing.assert_close(m.step.detach()[[0, 2, 4]], first[[0, 2, 4]])
+    torch.testing.assert_close(m.step.detach()[[1, 3]], second[[1, 3]])
+
+
+def test_more_channels_than_steps_is_one_clear_line_before_any_change():
+    for mode in ("dynamic", "fixed"):
+        m = dqa_ext.DQAReLU(bits=2, mode=mode, num_channels=4)
+        before = m.step.detach().clone()
+        with pytest.raises(ValueError, match="this module has 4 per-channel steps but got an input with 3 channels"):
+            m(torch.randn(2, 3, 5, 5))
+        assert torch.equal(m.step.detach(), before) and m.initialized == (mode == "fixed")
+
+
+def test_a_step_made_nan_by_a_bad_batch_says_where_it_came_from():
+    needs_extension("cpu")
+    m = dqa_ext.DQAReLU(bits=2, num_channels=3, init_step=0.5)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 5, 5)
+    x[0, 0, 0, 0] = math.nan  # one bad value in a training batch
+    m(x).sum().backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"step\[0\] = nan; a learned step becomes NaN or inf after a training "
+                                           r"step whose input, loss or gradients had NaN"):
+        m(torch.randn(2, 3, 5, 5))
 
 
 def test_nan_and_inf_elements_are_left_out_of_the_mean():
@@ -291,7 +325,12 @@ def test_lazy_module_state_dict_parameters_and_deepcopy_before_forward(mode):
     model = nn.Sequential(nn.Linear(4, 5), dqa_ext.DQAReLU(bits=2, mode=mode, channel_dim=-1))
     sd = model.state_dict()  # as nn.LazyLinear: the lazy step is in it, uninitialised
     assert set(sd) == {"0.weight", "0.bias", "1.step", "1._extra_state"}
-    assert nn.parameter.is_lazy(sd["1.step"]) and sd["1._extra_state"]["initialized"] == (mode == "fixed")
+    # A learned step is torch's lazy parameter; a fixed one an empty buffer (a real tensor, which
+    # the exporters can read before the first forward).
+    assert nn.parameter.is_lazy(sd["1.step"]) if mode == "dynamic" else sd["1.step"].numel() == 0
+    loaded = nn.Sequential(nn.Linear(4, 5), dqa_ext.DQAReLU(bits=2, mode=mode, channel_dim=-1))
+    loaded.load_state_dict(sd)
+    assert loaded[1].is_lazy and loaded[1].initialized == (mode == "fixed")
     params = list(model.parameters())
     assert len(params) == (3 if mode == "dynamic" else 2)
     assert sum(p.numel() for p in params if not nn.parameter.is_lazy(p)) == 4 * 5 + 5
@@ -308,7 +347,7 @@ def test_lazy_module_state_dict_parameters_and_deepcopy_before_forward(mode):
         fresh.load_state_dict(sd)
 
 
-# --- devices and dtypes (issue 12): a lazy step remembers .to(); the step stays float32 ---
+# --- devices and dtypes: a lazy step remembers .to(); the step stays float32 ---
 
 def test_lazy_step_remembers_the_device_it_was_moved_to():
     src = dqa_ext.DQAReLU(bits=2)
@@ -362,7 +401,7 @@ def test_step_stays_float32_under_model_casts(dtype):
         assert m(torch.randn(2, 4, dtype=dtype)).dtype == dtype
 
 
-# --- calibrate and freeze (issue 12): the explicit way to initialise; no hidden collectives ---
+# --- calibrate and freeze: the explicit way to initialise; no hidden collectives ---
 
 def test_first_forward_calls_no_collective(monkeypatch):
     def refuse(*args, **kwargs):
@@ -418,7 +457,7 @@ def test_effective_step_and_freeze():
     assert m.step.grad is not None
 
 
-# --- small items of issue 12 ---
+# --- levels, channel_dim, double backward, torch.func ---
 
 def test_state_dict_of_other_bits_is_refused():
     src = dqa_ext.DQAReLU(bits=2, num_channels=3, init_step=0.5)
@@ -431,6 +470,16 @@ def test_state_dict_of_other_bits_is_refused():
         model.load_state_dict(src_model.state_dict(), strict=False)
     old = {"step": torch.full((3,), 0.5), "_extra_state": {"initialized": True}}  # saved before bits was kept
     dqa_ext.DQAReLU(bits=3).load_state_dict(old)
+    old = {"step": torch.full((3,), 0.5), "_extra_state": {"initialized": True, "bits": 3}}  # the dict format
+    assert dqa_ext.DQAReLU(bits=3).load_state_dict(old) is not None
+
+
+@pytest.mark.parametrize("saved,target", [("fixed", "dynamic"), ("dynamic", "fixed")])
+def test_state_dict_of_the_other_mode_is_refused(saved, target):
+    src = dqa_ext.DQAReLU(bits=2, mode=saved, num_channels=3, init_step=0.5)
+    for dst in (dqa_ext.DQAReLU(bits=2, mode=target, num_channels=3), dqa_ext.DQAReLU(bits=2, mode=target)):
+        with pytest.raises(RuntimeError, match=f"state_dict is for mode='{saved}' but this module has mode='{target}'"):
+            dst.load_state_dict(src.state_dict())
 
 
 def test_numpy_integer_levels():
@@ -544,7 +593,7 @@ def test_torch_func_grad_matches_autograd():
     bitwise_equal(g, x.grad)
 
 
-# --- review fixes: DDP warning, old state_dicts, per-tensor grad scale, calibrate on failure ---
+# --- DDP warning, old state_dicts, per-tensor grad scale, calibrate on failure ---
 
 def _fake_two_ranks(monkeypatch):
     def refuse(*args, **kwargs):
