@@ -7,6 +7,7 @@ from torch import nn
 import dqa_ext
 
 from support.devices import DEVICES, needs_extension
+from support.fresh import run_fresh
 from support.parity import bitwise_equal, step_grad_tolerance
 
 
@@ -167,14 +168,10 @@ def test_compiled_conv_bn_block_fuses_the_quantizer(mode):
 def test_import_leaves_inductor_unloaded_and_registers_when_it_loads():
     """Importing Inductor costs more than a second: dqa_ext registers its decompositions when
     torch.compile imports it, not at `import dqa_ext`."""
-    import subprocess
-    import sys
-
     code = ("import sys, torch, dqa_ext\n"
             "assert 'torch._inductor.decomposition' not in sys.modules, 'dqa_ext imported Inductor'\n"
             "import torch._inductor.decomposition as d\n"
             "ops = torch.ops.dqa_ext\n"
             "assert ops.fake_quantize.default in d.decompositions\n"
             "assert ops.fake_quantize_backward.default in d.decompositions\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_fresh(code)

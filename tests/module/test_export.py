@@ -11,6 +11,7 @@ from torch import nn
 import dqa_ext
 
 from support.devices import needs_extension
+from support.fresh import run_fresh
 from support.parity import bitwise_equal
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need onnxruntime (pip install '.[test]')")
@@ -138,9 +139,6 @@ def test_learned_step_before_the_first_forward_is_one_clear_line():
 def test_plain_onnx_export_after_import_dqa_ext_alone():
     """The documented torch.onnx.export, in a fresh process that imports only dqa_ext: the
     translation is registered when the exporter imports onnxscript."""
-    import subprocess
-    import sys
-
     needs_extension("cpu")
     code = ("import logging, sys, torch, dqa_ext\n"
             "logging.disable(logging.WARNING)\n"
@@ -149,8 +147,7 @@ def test_plain_onnx_export_after_import_dqa_ext_alone():
             "p = torch.onnx.export(m, (torch.randn(2, 3, 8, 8),), dynamo=True, verbose=False)\n"
             "ops = [n.op_type for n in p.model_proto.graph.node]\n"
             "assert 'QuantizeLinear' in ops, ops\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_fresh(code)
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
