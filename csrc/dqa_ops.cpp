@@ -1,5 +1,8 @@
 // Op schemas of dqa_ext. Kernels register per device (cpu/dqa_cpu.cpp, cuda/dqa_cuda.cpp), the
 // autograd in autograd/dqa_autograd.cpp; dqa_python.cpp is the Python module that loads them.
+#include "dqa_ops.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(dqa_ext, m) {
@@ -17,3 +20,28 @@ TORCH_LIBRARY(dqa_ext, m) {
       "int channel_dim, float grad_scale, bool need_step_grad, float min_step=0.0) -> "
       "(Tensor, Tensor)");
 }
+
+namespace dqa {
+
+at::Tensor call_fake_quantize(const at::Tensor& x, const at::Tensor& step, int64_t qmin, int64_t qmax,
+                              int64_t channel_dim, double grad_scale, double min_step) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dqa_ext::fake_quantize", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
+                                               int64_t, int64_t, double, double)>();
+  return op.call(x, step, qmin, qmax, channel_dim, grad_scale, min_step);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_fake_quantize_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& step, int64_t qmin, int64_t qmax,
+    int64_t channel_dim, double grad_scale, bool need_step_grad, double min_step) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dqa_ext::fake_quantize_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, int64_t, int64_t, int64_t,
+                                                    double, bool, double)>();
+  return op.call(grad_y, x, step, qmin, qmax, channel_dim, grad_scale, need_step_grad, min_step);
+}
+
+}  // namespace dqa

@@ -5,20 +5,17 @@
 // dispatcher op, so autograd, the profiler and dispatch modes see the same op; dqa_ext takes
 // torch.ops instead under torch.compile, functorch, tensor subclasses and __torch_function__
 // modes (dqa_ext/functional.py).
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/python.h>
+
+#include "dqa_ops.h"
 
 namespace {
 
 at::Tensor fake_quantize_entry(const at::Tensor& x, const at::Tensor& step, int64_t qmin,
                                int64_t qmax, int64_t channel_dim, double grad_scale,
                                double min_step) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("dqa_ext::fake_quantize", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
-                                               int64_t, int64_t, double, double)>();
   const pybind11::gil_scoped_release no_gil;  // as torch's own bindings do
-  return op.call(x, step, qmin, qmax, channel_dim, grad_scale, min_step);
+  return dqa::call_fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale, min_step);
 }
 
 }  // namespace

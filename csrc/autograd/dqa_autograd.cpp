@@ -4,11 +4,12 @@
 // backward raises (the straight-through surrogate has no second derivative in the kernels).
 // torch.compile and torch.export trace through these kernels down to the ops (their fakes are in
 // dqa_ext/ops.py); Inductor then decomposes the ops into code it can fuse.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
+
+#include "../dqa_ops.h"
 
 namespace dqa {
 namespace {
@@ -16,28 +17,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::Variable;
 using torch::autograd::variable_list;
-
-at::Tensor fake_quantize_op(const at::Tensor& x, const at::Tensor& step, int64_t qmin,
-                            int64_t qmax, int64_t channel_dim, double grad_scale,
-                            double min_step) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("dqa_ext::fake_quantize", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
-                                               int64_t, int64_t, double, double)>();
-  return op.call(x, step, qmin, qmax, channel_dim, grad_scale, min_step);
-}
-
-std::tuple<at::Tensor, at::Tensor> fake_quantize_backward_op(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& step, int64_t qmin,
-    int64_t qmax, int64_t channel_dim, double grad_scale, bool need_step_grad, double min_step) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("dqa_ext::fake_quantize_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, int64_t, int64_t, int64_t,
-                                                    double, bool, double)>();
-  return op.call(grad_y, x, step, qmin, qmax, channel_dim, grad_scale, need_step_grad, min_step);
-}
 
 constexpr const char* kNoDoubleBackward =
     "dqa_ext: the extension's fake_quantize backward is not differentiable, so double backward "
@@ -54,7 +33,7 @@ class FakeQuantizeBackwardFunction
                                int64_t channel_dim, double grad_scale, bool need_step_grad,
                                double min_step) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dx, dstep] = fake_quantize_backward_op(grad_y, x, step, qmin, qmax, channel_dim,
+    auto [dx, dstep] = call_fake_quantize_backward(grad_y, x, step, qmin, qmax, channel_dim,
                                                  grad_scale, need_step_grad, min_step);
     return {dx, dstep};
   }
@@ -70,7 +49,7 @@ class FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFuncti
                           int64_t qmin, int64_t qmax, int64_t channel_dim, double grad_scale,
                           double min_step) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    Variable y = fake_quantize_op(x, step, qmin, qmax, channel_dim, grad_scale, min_step);
+    Variable y = call_fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale, min_step);
     ctx->save_for_backward({x, step});
     // One entry, not five: each is a string-keyed map insert on every call.
     ctx->saved_data["args"] = c10::ivalue::Tuple::create(qmin, qmax, channel_dim, grad_scale, min_step);
@@ -92,7 +71,7 @@ class FakeQuantizeFunction : public torch::autograd::Function<FakeQuantizeFuncti
     } else {  // the usual backward: no graph to record, so no Function around the op
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(dx, dstep) =
-          fake_quantize_backward_op(grads[0], saved[0], saved[1], a[0].toInt(), a[1].toInt(),
+          call_fake_quantize_backward(grads[0], saved[0], saved[1], a[0].toInt(), a[1].toInt(),
                                     a[2].toInt(), a[3].toDouble(), need_step_grad, a[4].toDouble());
     }
     return {dx, need_step_grad ? dstep : Variable(), Variable(), Variable(),
