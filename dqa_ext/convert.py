@@ -262,26 +262,50 @@ def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_r
     DQAReLU(bits=bits, mode=mode, **kwargs)  # bad arguments fail here, before any change
     if not isinstance(model, nn.Module):
         raise TypeError(f"dqa_ext.convert: model must be an nn.Module, got {type(model).__name__}")
-    skipped = _skip_rule(skip)
-    report = ConvertReport()
-
-    def new():
-        return DQAReLU(bits=bits, mode=mode, **kwargs)
+    job = _Job(model, _skip_rule(skip), lambda: DQAReLU(bits=bits, mode=mode, **kwargs))
 
     if isinstance(model, nn.ReLU):  # a lone ReLU: its replacement
         site = Site("", "nn.ReLU", "", "converted", "replaced")
-        replaced = new()
-        if skipped(site):
+        replaced = job.new()
+        if job.skipped(site):
             site.status, site.how, replaced = "skipped", "by the skip option", model
-        report.sites.append(site)
-        return _finish(replaced, report, verbose, return_report)
+        job.report.sites.append(site)
+        return _finish(replaced, job.report, verbose, return_report)
 
-    slots = _slots(model)
-    # 1. Trace each module's own forward and list its sites, parents first.
-    traced, untraced = [], []
-    by_mode = []  # forwards whose train and eval traces differ: kept, like untraced ones
-    graph_constants = {}  # id(module) -> the tensor constants of its traced forward
-    for path, module in model.named_modules():
+    traced, untraced, by_mode = _trace_modules(job)
+    sites, calls = _list_sites(job, traced)
+    _name_sites(job, sites, calls)
+    rewrites = _apply_sites(job, sites, calls)
+    result = _rewrite_forwards(job, rewrites)
+    _swap_in_untraced(job, untraced)
+    _swap_in_mode_dependent(job, by_mode)
+    _swap_uncalled(job, result, bool(untraced))
+    return _finish(result, job.report, verbose, return_report)
+
+
+class _Job:
+    """What every phase of one convert call shares."""
+
+    def __init__(self, model, skipped, new):
+        self.model, self.skipped, self.new = model, skipped, new
+        self.report = ConvertReport()
+        self.slots = _slots(model)
+        self.constants = {}  # id(module) -> the tensor constants of its traced forward
+        self.called = set()  # id of every ReLU module a traced forward calls
+
+    def skip_or_swap(self, name, kind, path):
+        """True (and reported) when the skip option names this site."""
+        if self.skipped(Site(name, kind, path, "", "")):
+            self.report.add(name, kind, path, "skipped", "by the skip option")
+            return True
+        return False
+
+
+def _trace_modules(job):
+    """1. Each module's own forward, parents first: (traced, untraced, traced differently in
+    train and eval mode)."""
+    traced, untraced, by_mode = [], [], []
+    for path, module in job.model.named_modules():
         if isinstance(module, (nn.ReLU, DQAReLU)) or not _needs_trace(module):
             continue
         try:
@@ -293,11 +317,14 @@ def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_r
             by_mode.append((path, module, graphs))
             continue
         traced.append((path, module, graph))
-        graph_constants[id(module)] = constants
+        job.constants[id(module)] = constants
+    return traced, untraced, by_mode
 
-    sites = []  # dicts: the node, its owner and how it can be converted
-    called = set()  # id of every ReLU module a traced forward calls
-    calls = {}  # slot -> its sites, in order
+
+def _list_sites(job, traced):
+    """The sites of the traced forwards (dicts: the node, its owner, how it can be converted) and
+    the calls of each module slot, in order."""
+    sites, calls = [], {}
     for path, owner, graph in traced:
         taken = set()
         targets = _shared_targets(owner, graph)
@@ -308,7 +335,7 @@ def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_r
                 if not isinstance(module, nn.ReLU):
                     continue
                 kind = "nn.ReLU"
-                called.add(id(module))
+                job.called.add(id(module))
                 if node in targets:
                     node.target = targets[node]
             elif node.op == "call_function" and node.target in _FUNCTIONS:
@@ -327,13 +354,16 @@ def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_r
                 calls.setdefault(slot, []).append(site)
                 site["name"] = _join(path, node.target) if len(calls[slot]) == 1 else None
             sites.append(site)
+    return sites, calls
 
-    # 2. Names (the DQAReLU's path) and the skip decisions.
+
+def _name_sites(job, sites, calls):
+    """2. Names (the DQAReLU's path) and the skip decisions."""
     for site in sites:
         if site.get("name") is None:
             attr = _unique_attr(site["owner"], site["node"].name, site["taken"])
             site.update(name=_join(site["owner_path"], attr), new_attr=attr)
-        site["skip"] = skipped(Site(site["name"], site["kind"], site["owner_path"], "", ""))
+        site["skip"] = job.skipped(Site(site["name"], site["kind"], site["owner_path"], "", ""))
     for slot_sites in calls.values():
         # A slot is swapped in place when its first call is converted and no call of it is skipped.
         swap = not any(s["skip"] for s in slot_sites)
@@ -343,11 +373,13 @@ def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_r
                 attr = _unique_attr(s["owner"], s["node"].name, s["taken"])
                 s.update(name=_join(s["owner_path"], attr), new_attr=attr)
 
-    # 3. Apply: in-place swaps, then graph rewrites, deepest modules first.
+
+def _apply_sites(job, sites, calls):
+    """3. In-place swaps and graph edits; returns the graph rewrites by owner."""
     rewrites = {}  # id(owner) -> {"path", "owner", "graph", "added": {attr: DQAReLU}, "changed"}
     for site in sites:
         if site["skip"]:
-            report.add(site["name"], site["kind"], site["owner_path"], "skipped", "by the skip option")
+            job.report.add(site["name"], site["kind"], site["owner_path"], "skipped", "by the skip option")
             continue
         node, graph = site["node"], site["graph"]
         # Read now, not when the sites were listed: an earlier rewrite may have replaced this
@@ -357,14 +389,14 @@ def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_r
         entry = rewrites.setdefault(id(site["owner"]), dict(path=site["owner_path"], owner=site["owner"],
                                                             graph=graph, added={}, changed=False))
         if site.get("swap"):
-            setattr(site["parent"], site["attr"], new())
+            setattr(site["parent"], site["attr"], job.new())
             how, out = "swapped in place", node
             n_calls = len(calls[site["slot"]])
             if n_calls > 1:
                 how += f" (call 1 of {n_calls})"
         else:
             attr = site["new_attr"]
-            entry["added"][attr] = new()
+            entry["added"][attr] = job.new()
             with graph.inserting_before(node):
                 out = graph.call_module(attr, (x,))
             node.replace_all_uses_with(out)
@@ -375,41 +407,50 @@ def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_r
         for user in later:  # an inplace ReLU changed its input for these readers
             user.replace_input_with(x, out)
             entry["changed"] = True
-        report.add(site["name"], site["kind"], site["owner_path"], "converted", how)
+        job.report.add(site["name"], site["kind"], site["owner_path"], "converted", how)
+    return rewrites
 
-    result = model
+
+def _rewrite_forwards(job, rewrites):
+    """Edited graphs become GraphModules, deepest modules first; returns the model (or the
+    GraphModule that replaced it)."""
+    result = job.model
     for entry in sorted(rewrites.values(), key=lambda e: -(e["path"].count(".") + 1 if e["path"] else 0)):
         if not entry["changed"]:
             continue
         owner = entry["owner"]
         entry["graph"].lint()
-        gm = _graph_module(owner, entry["graph"], entry["added"], graph_constants[id(owner)])
-        report.rewritten.append(entry["path"])
-        if owner is model:
+        gm = _graph_module(owner, entry["graph"], entry["added"], job.constants[id(owner)])
+        job.report.rewritten.append(entry["path"])
+        if owner is job.model:
             result = gm
-        for parent, attr in slots.get(id(owner), []):
+        for parent, attr in job.slots.get(id(owner), []):
             parent._modules[attr] = gm
+    return result
 
-    # 4. Forwards that did not trace keep their code: their ReLU modules are swapped.
+
+def _swap_in_untraced(job, untraced):
+    """4. Forwards that did not trace keep their code: their ReLU modules are swapped."""
     for path, owner, why in untraced:
         lines = _functional_lines(owner)
         for attr, child in list(owner._modules.items()):
             if isinstance(child, nn.ReLU):
                 name = _join(path, attr)
-                if skipped(Site(name, "nn.ReLU", path, "", "")):
-                    report.add(name, "nn.ReLU", path, "skipped", "by the skip option")
+                if job.skip_or_swap(name, "nn.ReLU", path):
                     continue
-                owner._modules[attr] = new()
-                report.add(name, "nn.ReLU", path, "converted",
-                           "swapped in place (forward not traced: a reuse of it cannot be seen)")
+                owner._modules[attr] = job.new()
+                job.report.add(name, "nn.ReLU", path, "converted",
+                               "swapped in place (forward not traced: a reuse of it cannot be seen)")
         where = f"at lines {lines} of {type(owner).__qualname__}.forward" if lines else "none found in its source"
         if lines is None:
             where = "its source is not available"
-        report.add(path, "forward", path, "left",
-                   f"not traced ({why}); functional ReLU calls there are not converted ({where})")
+        job.report.add(path, "forward", path, "left",
+                       f"not traced ({why}); functional ReLU calls there are not converted ({where})")
 
-    # 5. Forwards that read self.training keep their code: the ReLU modules they call (in either
-    # mode) are swapped, their functional ReLU calls are left.
+
+def _swap_in_mode_dependent(job, by_mode):
+    """5. Forwards that read self.training keep their code: the ReLU modules they call (in either
+    mode) are swapped, their functional ReLU calls are left."""
     why = "forward reads self.training: its train and eval traces differ, so it is not rewritten"
     for path, owner, graphs in by_mode:
         relus, functional = {}, {}
@@ -428,30 +469,30 @@ def convert(model, bits=2, mode="dynamic", *, skip=None, verbose=False, return_r
             parent_path, _, attr = target.rpartition(".")
             parent = owner.get_submodule(parent_path)
             child, name = parent._modules[attr], _join(path, target)
-            called.add(id(child))
-            if skipped(Site(name, "nn.ReLU", path, "", "")):
-                report.add(name, "nn.ReLU", path, "skipped", "by the skip option")
+            job.called.add(id(child))
+            if job.skip_or_swap(name, "nn.ReLU", path):
                 continue
-            parent._modules[attr] = new()
-            report.add(name, "nn.ReLU", path, "converted", f"swapped in place ({why}"
-                       + (f"; its {n} calls share it)" if n > 1 else ")"))
+            parent._modules[attr] = job.new()
+            job.report.add(name, "nn.ReLU", path, "converted", f"swapped in place ({why}"
+                           + (f"; its {n} calls share it)" if n > 1 else ")"))
         for node_name, kind in functional.items():
-            report.add(_join(path, node_name), kind, path, "left", f"{why}; this call is not converted")
+            job.report.add(_join(path, node_name), kind, path, "left", f"{why}; this call is not converted")
 
-    # 6. ReLU modules no traced forward calls: swapped if an untraced forward may call them.
+
+def _swap_uncalled(job, result, any_untraced):
+    """6. ReLU modules no traced forward calls: swapped if an untraced forward may call them."""
     for path, module in list(result.named_modules()):
         for attr, child in list(module._modules.items()):
             if isinstance(child, nn.ReLU):
                 name = _join(path, attr)
-                if id(child) in called:  # called by a traced forward: handled above
+                if id(child) in job.called:  # called by a traced forward: handled above
                     continue
-                if untraced and not skipped(Site(name, "nn.ReLU", path, "", "")):
-                    module._modules[attr] = new()
-                    report.add(name, "nn.ReLU", path, "converted",
-                               "swapped in place (not called by a traced forward; an untraced one may)")
-                elif not untraced:
-                    report.add(name, "nn.ReLU", path, "left", "never called by forward")
-    return _finish(result, report, verbose, return_report)
+                if any_untraced and not job.skipped(Site(name, "nn.ReLU", path, "", "")):
+                    module._modules[attr] = job.new()
+                    job.report.add(name, "nn.ReLU", path, "converted",
+                                   "swapped in place (not called by a traced forward; an untraced one may)")
+                elif not any_untraced:
+                    job.report.add(name, "nn.ReLU", path, "left", "never called by forward")
 
 
 def _finish(model, report, verbose, return_report):
