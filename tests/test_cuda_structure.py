@@ -9,7 +9,8 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
-PLAIN = {"dqa_plan.h", "dqa_walk.h", "../dqa_math.h", "cuda/dqa_plan.h", "cuda/dqa_walk.h"}
+PLAIN = {"dqa_plan.h", "dqa_walk.h", "dqa_divide.h", "dqa_counters.h", "../dqa_math.h",
+         "cuda/dqa_plan.h", "cuda/dqa_walk.h", "cuda/dqa_divide.h", "cuda/dqa_counters.h"}
 PROJECT = PLAIN | {"dqa_kernels.cuh", "dqa_device.cuh"}
 STD = re.compile(r"^(c[a-z]+|[a-z_]+)$")  # <cstdint>, <atomic>, ...
 # CUDA's own headers (runtime, fp16/bf16, cub, libcu++) and the C++ standard library.
@@ -31,7 +32,8 @@ def test_kernel_units_include_only_cuda_headers():
 
 def test_planner_and_walks_are_plain_cpp():
     """g++ compiles the planner and the index walks with no CUDA toolkit: standard headers only."""
-    plain = [CUDA_DIR / n for n in ("dqa_plan.h", "dqa_walk.h", "dqa_plan.cpp")] + sorted((CUDA_DIR / "tests").glob("*.cpp"))
+    names = ("dqa_plan.h", "dqa_walk.h", "dqa_divide.h", "dqa_counters.h", "dqa_plan.cpp", "dqa_counters.cpp")
+    plain = [CUDA_DIR / n for n in names] + sorted((CUDA_DIR / "tests").glob("*.cpp"))
     for unit in plain:
         assert unit.exists(), unit
         extra = {h for h in includes(unit) - PLAIN if not STD.match(h)}
