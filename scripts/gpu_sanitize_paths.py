@@ -1,11 +1,14 @@
 """Every CUDA kernel path of dqa_ext once, on small tensors, for compute-sanitizer
 (scripts/gpu_verify.sh runs it under memcheck, racecheck, initcheck and synccheck).
 
-Paths: the elementwise kernel (forward, and grad_x alone) at every vector width (aligned and
-misaligned pointers, a partial last vector, vectors crossing rows); the row backward (NCHW long
-rows, per-tensor, C == 1) packed and scalar; the tiled backward (channels_last, (N, C), small
-H*W, odd C at width 1) packed and scalar; the finalize; empty tensors; NaN / negative steps.
-`--big` adds C = 70000 (the channel loop over gridDim.y): slow under racecheck, so memcheck only.
+Paths: the forward (and grad_x alone) on rows and tiles at every vector width (aligned and
+misaligned pointers, a partial last vector, odd rows); the row backward (NCHW long rows,
+per-tensor, C == 1) packed and scalar; the tiled backward (channels_last, (N, C), small H*W, odd C
+at width 1) packed and scalar; the step-gradient finalize fused by arrival counters (one level,
+two levels of counters on rows and tiles, dstep written by the only block) and the separate one
+(inner > 1, and streams beyond the counter slots); the division's special values; empty tensors;
+NaN / negative steps. `--big` adds C = 70000 (the channel loop over gridDim.y): slow under
+racecheck, so memcheck only.
 Exit status 1 when a result differs from the reference (so a sanitizer run also checks values)."""
 
 import argparse
@@ -94,6 +97,25 @@ def main():
     bad[3] = float("nan")
     bad[5] = -1.0
     case("non-finite / negative steps", data((2, 8, 9, 9), torch.float32), bad, 1)
+    # The fused finalize's levels: 3 groups of row blocks per tensor, 2 of tiles.
+    case("fused, rows, two levels of counters", data((1, 1, 300000), torch.float32), steps(1), 0)
+    case("fused, tiles, two levels of counters",
+         data((2, 64, 24, 24), torch.bfloat16).contiguous(memory_format=torch.channels_last), steps(64), 1)
+    case("one block per channel: dstep written directly", data((2, 3000, 64), torch.float16), steps(3000), 1)
+    # Streams beyond the 64 counter slots run the separate finalize.
+    x = data((1, 1, 300000), torch.float32)
+    for _ in range(70):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ops.fake_quantize_backward(torch.ones_like(x), x, steps(1), 0, 3, 0, 0.5, True)
+    torch.cuda.synchronize()
+    late = torch.cuda.Stream()
+    late.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(late):
+        case("separate finalize (counter slots taken)", x, steps(1), 0)
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, 3e38, 2.0**61])
+    case("division special values", special.repeat(32).reshape(4, 8, 8).to(DEV), steps(8), 1)
     if args.big:
         case("C = 70000 inner 64 (channel loop over gridDim.y)", data((1, 70000, 64), torch.float32),
              steps(70000), 1)
