@@ -82,8 +82,9 @@ def main():
         case(f"rows per-tensor misaligned {dt}", offset(data((3, 5, 7, 11), dt), 1), steps(1), 1)
         case(f"rows C == 1 {dt}", data((3, 1, 300), dt), steps(1), 1)
         case(f"rows fp16-style inner 130 {dt}", data((3, 4, 130), dt), steps(4), 1)
-        case(f"tiles nchw small hw {dt}", data((2, 8, 7, 7), dt), steps(8), 1)
-        case(f"tiles nchw small hw misaligned {dt}", offset(data((2, 8, 7, 7), dt), 1), steps(8), 1)
+        case(f"rows at width 1, tiled forward: nchw 7x7 {dt}", data((2, 8, 7, 7), dt), steps(8), 1)
+        case(f"tiles nchw 2x2, separate finalize {dt}", data((40, 8, 2, 2), dt), steps(8), 1)
+        case(f"tiles nchw 2x2 misaligned {dt}", offset(data((40, 8, 2, 2), dt), 1), steps(8), 1)
         case(f"tiles channels_last {dt}", x.contiguous(memory_format=torch.channels_last), steps(16), 1)
         case(f"tiles (N, C) {dt}", data((33, 24), dt), steps(24), 1)
         case(f"tiles (N, odd C) width 1 {dt}", data((5, 1001), dt), steps(1001), 1)
@@ -100,7 +101,7 @@ def main():
     # The fused finalize's levels: 3 groups of row blocks per tensor, 2 of tiles.
     case("fused, rows, two levels of counters", data((1, 1, 300000), torch.float32), steps(1), 0)
     case("fused, tiles, two levels of counters",
-         data((2, 64, 24, 24), torch.bfloat16).contiguous(memory_format=torch.channels_last), steps(64), 1)
+         data((8, 64, 24, 24), torch.bfloat16).contiguous(memory_format=torch.channels_last), steps(64), 1)
     case("one block per channel: dstep written directly", data((2, 3000, 64), torch.float16), steps(3000), 1)
     # Streams beyond the 64 counter slots run the separate finalize.
     x = data((1, 1, 300000), torch.float32)

@@ -42,11 +42,13 @@ def offset_view(t, offset):
     return view
 
 
-# (shape, channel_dim, memory format): the row path (NCHW, long rows), the tiled path
-# (channels_last, (N, C), small H*W), per-tensor (passed with one step).
+# (shape, channel_dim, memory format): the row path (NCHW; 7x7 at vector width 1 in the
+# backward, tiles in the forward), the tiled path (channels_last, (N, C), rows of less than 32
+# bytes: 2x2 with the separate finalize), per-tensor (passed with one step).
 LAYOUTS = {
     "nchw_rows": ((4, 8, 16, 20), 1, torch.contiguous_format),
     "nchw_small_hw": ((4, 8, 7, 7), 1, torch.contiguous_format),
+    "nchw_tiny_hw": ((4, 8, 2, 2), 1, torch.contiguous_format),
     "channels_last": ((4, 12, 9, 11), 1, torch.channels_last),
     "2d": ((301, 40), 1, torch.contiguous_format),
 }
@@ -213,7 +215,8 @@ def test_fused_finalize_matches_its_fallback_on_many_streams():
     cases = [
         (data((8, 16, 40, 40), torch.float32), steps(16)),              # rows, one group
         (data((1, 1, 300000), torch.float32), steps(1)),                # rows, 3 groups
-        (data((2, 64, 24, 24), torch.bfloat16).contiguous(memory_format=torch.channels_last), steps(64)),
+        # tiles: 36 row blocks, two levels of counters
+        (data((8, 64, 24, 24), torch.bfloat16).contiguous(memory_format=torch.channels_last), steps(64)),
     ]
     want = []
     for x, step in cases:
@@ -237,7 +240,7 @@ def test_graph_replays_leave_the_counters_at_zero():
     """A captured backward replayed with new inputs each time equals the eager one: the block
     that arrives last resets every counter, so the next replay starts from zero."""
     x = data((1, 1, 300000), torch.float16)
-    xs = data((4, 32, 24, 24), torch.float32).contiguous(memory_format=torch.channels_last)
+    xs = data((16, 32, 24, 24), torch.float32).contiguous(memory_format=torch.channels_last)  # 36 row blocks
     dy, dys = torch.randn_like(x), torch.randn_like(xs)
     step, steps_cl = steps(1), steps(32)
     side = torch.cuda.Stream()

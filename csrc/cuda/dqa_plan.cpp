@@ -32,11 +32,21 @@ constexpr int64_t kMaxRowsInner = (int64_t{1} << 31) - 1;
 // Threads per block of a row kernel: enough for the channel's vectors, 32 to kThreads.
 int64_t rows_block(int64_t nvec) { return clamp64(next_pow2(nvec), 32, kThreads); }
 
-// Tile shape: bx threads across (wide enough to cover the columns, narrow enough to leave
-// several rows per block when there are several rows), by = kThreads / bx rows.
+// Tile shape of the forward: bx threads across (wide enough to cover the columns, narrow enough
+// to leave several rows per block when there are several rows), by = kThreads / bx rows.
 int64_t tiles_bx(Shape s, int64_t W, int vec) {
   const int64_t min_by = next_pow2(clamp64(s.outer, 1, 8));
   return clamp64(next_pow2(ceil_div(W, vec)), 1, kThreads / min_by);
+}
+
+// Tile shape of the backward: as narrow as one 32-byte sector per row (DRAM moves sectors, so
+// the loads stay as efficient) and as tall as the rows allow, so that a block sums many rows of
+// few columns: fewer partial sums (a block writes one per column) for the finalize to add up.
+int64_t backward_tiles_bx(Shape s, int64_t W, int vec, int es) {
+  const int64_t sector_bx = clamp64(32 / (int64_t{vec} * es), 1, kThreads);
+  const int64_t rows_bx = kThreads / next_pow2(clamp64(s.outer, 1, kThreads));  // few rows: wider
+  const int64_t need = next_pow2(ceil_div(W, vec));
+  return clamp64(max64(sector_bx, rows_bx), 1, min64(need, kThreads));
 }
 
 }  // namespace
@@ -167,7 +177,7 @@ BackwardPlan plan_backward(Shape shape, DType dtype, uintptr_t dy, uintptr_t x, 
     const int64_t W = C * inner;
     plan.vec = dividing_vec(dtype, W);
     if (plan.vec > kTiledBackwardMaxVec) plan.vec = kTiledBackwardMaxVec;
-    const int64_t bx = tiles_bx(shape, W, plan.vec);
+    const int64_t bx = backward_tiles_bx(shape, W, plan.vec, elem_size(dtype));
     const int64_t by = kThreads / bx;
     const int64_t tiles = ceil_div(W, bx * plan.vec);
     const int64_t gy = clamp64(ceil_div(shape.outer, by * kBackwardVectorsPerThread), 1, kMaxGridY);

@@ -41,9 +41,9 @@ struct Grid {
 constexpr int kThreads = 256;     // threads per block (the row kernel may use fewer)
 constexpr int kMaxVecBytes = 16;  // one 128-bit load or store per vector
 constexpr int kMaxGridY = 65535;
-// Rows shorter than this many bytes go to the tiles: the row kernel would read them as short
-// strided segments.
-constexpr int64_t kTiledMaxRowBytes = 256;
+// Rows shorter than one 32-byte sector go to the tiles: DRAM moves whole sectors, so the row
+// kernel would read such rows as partly wasted ones. Longer rows keep every sector full.
+constexpr int64_t kTiledMaxRowBytes = 32;
 // The tiled backward keeps a float step, reciprocal and sum per column and two rows of dy and
 // x in flight per thread: at most 2 columns per thread keep it within 48 registers, without
 // spills, in every dtype (4 columns need 64 to 78).

@@ -49,7 +49,7 @@ const Shape kPerTensor{1, 1, 32 * 64 * 56 * 56};
 void aligned_tensors_get_the_widest_vector() {
   for (DType d : kDtypes) {
     const int widest = 16 / elem_size(d);
-    const Shape small_hw{32, 64, 7 * 7};  // tiles (W = 3136)
+    const Shape small_hw{32, 64, 2 * 2};  // tiles (rows of less than a sector)
     for (Shape s : {kNchw, small_hw, kChannelsLast, kPerTensor}) {
       const ForwardPlan f = plan_forward(s, d, ptr(0, d), 0, ptr(0, d), 132 * 8);
       check(f.vec == widest, "forward vec " + std::to_string(f.vec) + " for " + str(s, d));
@@ -65,7 +65,11 @@ void aligned_tensors_get_the_widest_vector() {
           "channels_last takes the tiles");
     check(!plan_forward(kPerTensor, d, 0, 0, 0, 1056).tiled && !plan_backward(kPerTensor, d, 0, 0, 0).tiled,
           "per-tensor takes the row path");
-    check(plan_backward(small_hw, d, 0, 0, 0).tiled, "NCHW 7x7 takes the tiles");
+    check(plan_backward(small_hw, d, 0, 0, 0).tiled, "NCHW 2x2 takes the tiles");
+    // 7x7: the backward's rows at width 1 (its partition is the shape's), the forward's tiles.
+    const BackwardPlan seven = plan_backward(Shape{32, 64, 49}, d, 0, 0, 0);
+    check(!seven.tiled && seven.vec == 1 && seven.fusable, "NCHW 7x7 backward: rows at width 1, fused");
+    check(plan_forward(Shape{32, 64, 49}, d, 0, 0, 0, 1056).tiled, "NCHW 7x7 forward: tiles");
   }
 }
 
@@ -187,9 +191,13 @@ void fused_finalize() {
   const BackwardPlan few = plan_backward(Shape{4, 70000, 64}, DType::kFloat32, 0, 0, 0);
   check(few.reduce.count == 1 && few.fusable && few.counters == 0 && few.workspace_doubles == 0,
         "one block per channel: dstep written directly");
-  const BackwardPlan inner = plan_backward(Shape{32, 64, 49}, DType::kFloat32, 0, 0, 0);
-  check(inner.tiled && !inner.fusable && inner.workspace_doubles == int64_t{inner.grid.y} * 64 * 49,
+  const BackwardPlan inner = plan_backward(Shape{512, 64, 3}, DType::kFloat32, 0, 0, 0);
+  check(inner.tiled && !inner.fusable && inner.workspace_doubles == int64_t{inner.grid.y} * 64 * 3,
         "tiles with inner > 1: the separate finalize");
+  // ResNet-20's last stage in 2-byte dtypes: rows of 128 bytes take the row path, one block
+  // per channel, dstep written directly.
+  const BackwardPlan r20 = plan_backward(Shape{128, 64, 64}, DType::kBFloat16, 0, 0, 0);
+  check(!r20.tiled && r20.vec == 8 && r20.reduce.count == 1, "ResNet-20 stage 3 bf16: rows, direct dstep");
 }
 
 void forward_grid_is_one_wave() {
