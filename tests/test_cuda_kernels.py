@@ -209,9 +209,10 @@ def _backward(x, dy, step):
     return ops.fake_quantize_backward(dy, x, step, 0, 3, 1, 0.5, True)
 
 
-def test_fused_finalize_matches_its_fallback_on_many_streams():
-    """Each stream gets its own counter slot until they run out; later streams run the separate
-    finalize, which sums in the same order: every stream's dstep has the same bits."""
+def test_fused_finalize_matches_its_fallback():
+    """Every capture takes a counter slot of its own; after 64 the slots are gone and captured
+    launches run the separate finalize, which sums in the same order: every replay's dstep has
+    the bits of the eager (fused) one."""
     cases = [
         (data((8, 16, 40, 40), torch.float32), steps(16)),              # rows, one group
         (data((1, 1, 300000), torch.float32), steps(1)),                # rows, 3 groups
@@ -223,15 +224,17 @@ def test_fused_finalize_matches_its_fallback_on_many_streams():
         dy = torch.randn_like(x)
         want.append((x, dy, step, *_backward(x, dy, step)))
     torch.cuda.synchronize()
-    streams = [torch.cuda.Stream() for _ in range(80)]  # more than the 64 slots
-    got = []
-    for s in streams:
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            got.append([_backward(x, dy, step) for x, dy, step, _, _ in want])
+    graphs = []
+    for _ in range(70):  # more captures than the 64 slots
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [_backward(x, dy, step) for x, dy, step, _, _ in want]
+        graphs.append((graph, outs))
+    for graph, _ in graphs:
+        graph.replay()
     torch.cuda.synchronize()
-    for results in got:
-        for (_, _, _, dx, ds), (dx2, ds2) in zip(want, results):
+    for _, outs in graphs:
+        for (_, _, _, dx, ds), (dx2, ds2) in zip(want, outs):
             bitwise_equal(dx2, dx)
             bitwise_equal(ds2, ds)
 
