@@ -88,13 +88,21 @@ def nvcc_flags():
     return flags + ["-std=c++17", "-O3", "-lineinfo", f"-I{ROOT / 'csrc'}", "-Xptxas", "-v"]
 
 
-def compile_unit(nvcc, src, arch, out_dir):
-    cubin = Path(out_dir) / f"{src.stem}.{arch}.cubin"
-    cmd = [nvcc, *nvcc_flags(), "-cubin", f"-arch={arch}", str(src), "-o", str(cubin)]
+def compile_unit(nvcc, cuobjdump, src, arch, out_dir):
+    """src compiled whole (host code included: the launchers must compile too) for one arch; its
+    cubin extracted with cuobjdump. Returns the cubin and ptxas's log."""
+    work = Path(out_dir) / f"{src.stem}.{arch}"
+    work.mkdir()
+    obj = work / f"{src.stem}.o"
+    cmd = [nvcc, *nvcc_flags(), "-Xcompiler", "-fPIC", "-c", f"-arch={arch}", str(src), "-o", str(obj)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"sass_report: nvcc failed on {src.name} for {arch}:\n{r.stderr[-4000:]}")
-    return cubin, r.stderr
+    x = subprocess.run([cuobjdump, "-xelf", "all", str(obj)], cwd=work, capture_output=True, text=True)
+    cubins = sorted(work.glob(f"*{arch}*.cubin"))
+    if x.returncode != 0 or len(cubins) != 1:
+        raise SystemExit(f"sass_report: no single {arch} cubin in {obj}: {x.stderr[-2000:]}")
+    return cubins[0], r.stderr
 
 
 def ptxas_resources(log):
@@ -241,7 +249,7 @@ def analyse(arch, units, nvcc, nvdisasm, cuobjdump, tmp):
     marks = marked_lines()
     rows = []
     for src in units:
-        cubin, log = compile_unit(nvcc, src, arch, tmp)
+        cubin, log = compile_unit(nvcc, cuobjdump, src, arch, tmp)
         res = ptxas_resources(log)
         usage = resource_usage(cuobjdump, cubin)
         funcs = disassemble(nvdisasm, cubin)

@@ -348,19 +348,50 @@ cudaError_t with_packed(bool packed, F&& f) {
   return packed ? f(std::true_type{}) : f(std::false_type{});
 }
 
-// The counter slot of launches on this stream (and capture): see dqa_counters.h.
+// A capture's slot, given back when its graph is destroyed (a CUDA user object's destructor:
+// it runs once the graph, every executable made from it, and their launched work are gone).
+struct SlotRelease {
+  int device;
+  int slot;
+};
+void CUDART_CB release_captured_slot(void* data) {
+  const SlotRelease* r = static_cast<const SlotRelease*>(data);
+  release_slot(r->device, r->slot);
+  delete r;
+}
+
+// The counter slot of launches on this stream (and capture): see dqa_counters.h; -1 for none.
 int slot_for(cudaStream_t stream) {
   int device = -1;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   unsigned long long capture = 0;
+  cudaGraph_t graph = nullptr;
   if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaStreamGetCaptureInfo(stream, &status, &capture) != cudaSuccess) {
+      cudaStreamGetCaptureInfo(stream, &status, &capture, &graph) != cudaSuccess) {
     (void)cudaGetLastError();  // ours: the launch must not report it
     return -1;
   }
   if (status == cudaStreamCaptureStatusInvalidated) return -1;
-  return counter_slot(device, reinterpret_cast<uintptr_t>(stream),
-                      status == cudaStreamCaptureStatusActive ? capture : 0ull);
+  const bool capturing = status == cudaStreamCaptureStatusActive;
+  const SlotGrant g = counter_slot(device, reinterpret_cast<uintptr_t>(stream), capturing ? capture : 0ull);
+  if (g.slot < 0 || !g.fresh || !capturing) return g.slot;
+  // Tie the slot to the graph being captured; without that, give it back and fuse nothing.
+  SlotRelease* r = new SlotRelease{device, g.slot};
+  cudaUserObject_t object = nullptr;
+  if (graph == nullptr ||
+      cudaUserObjectCreate(&object, r, release_captured_slot, 1, cudaUserObjectNoDestructorSync) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();
+    delete r;
+    release_slot(device, g.slot);
+    return -1;
+  }
+  if (cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove) != cudaSuccess) {
+    (void)cudaGetLastError();
+    cudaUserObjectRelease(object, 1);  // runs the destructor: the slot is given back
+    return -1;
+  }
+  return g.slot;
 }
 
 }  // namespace

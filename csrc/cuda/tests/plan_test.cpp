@@ -249,22 +249,32 @@ void divider_matches_division() {
 }
 
 // Counter slots: one per (device, stream) for eager launches, one per capture, none shared,
-// -1 when all are taken; from several threads at once.
+// none left when all are taken, a capture's given back when its graph goes; from several
+// threads at once.
 void counter_slots() {
-  const int a = counter_slot(0, 0x10, 0);
-  check(a >= 0 && counter_slot(0, 0x10, 0) == a, "a stream keeps its slot");
-  const int b = counter_slot(0, 0x20, 0);
-  check(b >= 0 && b != a, "another stream, another slot");
-  const int c1 = counter_slot(0, 0x10, 7);
-  const int c2 = counter_slot(0, 0x10, 8);
-  check(c1 >= 0 && c2 >= 0 && c1 != a && c1 != c2, "each capture its own slot");
-  check(counter_slot(1, 0x10, 0) == 0, "slots are per device");
-  check(counter_slot(-1, 0x10, 0) == -1, "no device: no slot");
+  const SlotGrant a = counter_slot(0, 0x10, 0);
+  check(a.slot >= 0 && a.fresh, "a stream gets a slot");
+  const SlotGrant a2 = counter_slot(0, 0x10, 0);
+  check(a2.slot == a.slot && !a2.fresh, "a stream keeps its slot");
+  const SlotGrant b = counter_slot(0, 0x20, 0);
+  check(b.slot >= 0 && b.slot != a.slot, "another stream, another slot");
+  const SlotGrant c1 = counter_slot(0, 0x10, 7);
+  const SlotGrant c2 = counter_slot(0, 0x10, 8);
+  check(c1.slot >= 0 && c2.slot >= 0 && c1.slot != a.slot && c1.slot != c2.slot && c1.fresh && c2.fresh,
+        "each capture its own slot");
+  check(counter_slot(0, 0x10, 7).slot == c1.slot && !counter_slot(0, 0x10, 7).fresh, "a capture keeps its slot");
+  release_slot(0, c1.slot);
+  const SlotGrant c3 = counter_slot(0, 0x30, 9);
+  check(c3.slot == c1.slot && c3.fresh, "a released slot is given again");
+  check(counter_slot(0, 0x10, 0).slot == a.slot, "releasing one slot leaves the others");
+  check(counter_slot(1, 0x10, 0).slot == 0, "slots are per device");
+  check(counter_slot(-1, 0x10, 0).slot == -1, "no device: no slot");
+  release_slot(5, 3);  // an unknown device or slot: nothing happens
   std::vector<int> got(200, -2);
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([t, &got] {
-      for (int i = t; i < 200; i += 4) got[i] = counter_slot(2, 0x1000 + i, 0);
+      for (int i = t; i < 200; i += 4) got[i] = counter_slot(2, 0x1000 + i, 0).slot;
     });
   }
   for (auto& t : threads) t.join();
@@ -276,8 +286,11 @@ void counter_slots() {
     ++given;
     distinct &= s < kCounterSlots && seen[s]++ == 0;
   }
-  check(given == kCounterSlots && distinct, "all slots given once, then -1 (" + std::to_string(given) + ")");
-  check(counter_slot(2, 0x1000, 0) == got[0], "a taken stream still finds its slot when all are taken");
+  check(given == kCounterSlots && distinct, "all slots given once, then none (" + std::to_string(given) + ")");
+  check(counter_slot(2, 0x1000, 0).slot == got[0], "a stream still finds its slot when all are taken");
+  check(counter_slot(2, 0x9999, 1).slot == -1, "all taken: a new capture gets none");
+  release_slot(2, got[0]);
+  check(counter_slot(2, 0x9999, 1).slot == got[0], "until a capture's graph gives one back");
 }
 
 }  // namespace
