@@ -90,15 +90,17 @@ __device__ __forceinline__ void write_dstep(float* __restrict__ dstep, const flo
 // and if it arrives last at the domain's counter too, the totals.
 template <typename ChannelOf>
 __device__ void arrive(const ReduceArgs& r, unsigned int* __restrict__ counters, int64_t d,
-                       int64_t m, int K, ChannelOf channel_of, double* __restrict__ partials,
-                       const float* __restrict__ step, float* __restrict__ dstep,
-                       double grad_scale, float min_step) {
+                       int64_t m, int K, ChannelOf channel_of, bool wrote_partials,
+                       double* __restrict__ partials, const float* __restrict__ step,
+                       float* __restrict__ dstep, double grad_scale, float min_step) {
   constexpr int kAtOnce = 2;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int nwarps = blockDim.x >> 5;
   const int64_t g = m / kGroup;
-  __threadfence();  // this block's partials are visible before its arrival
+  // This block's partials are visible before its arrival: only their writers need the fence
+  // (it waits for the thread's own stores, grad_x's included).
+  if (wrote_partials) __threadfence();
   __syncthreads();
   unsigned int* const group_count = counters + group_counter(r, d, g);
   bool last = threadIdx.x == 0 &&
@@ -202,8 +204,8 @@ __global__ void __launch_bounds__(kThreads)
     const unsigned p = fresh_block_x();
     if (threadIdx.x == 0) partials[rows_slot(c, p, gridDim.x)] = block;
     if (slot >= 0) {
-      arrive(r, g_counters + int64_t{slot} * kMaxCounters, c, p, 1,
-             [c](int) { return c; }, partials, step, dstep, grad_scale, min_step);
+      arrive(r, g_counters + int64_t{slot} * kMaxCounters, c, p, 1, [c](int) { return c; },
+             threadIdx.x == 0, partials, step, dstep, grad_scale, min_step);
     }
   }
 }
@@ -302,8 +304,8 @@ __global__ void __launch_bounds__(kThreads, kTiledBackwardMinBlocks)
     const int64_t first = tile_column(tile, bx, 0, VEC);
     const int64_t width = W - first < row_len ? W - first : row_len;
     arrive(r, g_counters + int64_t{slot} * kMaxCounters, tile, row_block,
-           static_cast<int>(width), [first](int k) { return first + k; }, partials, step, dstep,
-           grad_scale, min_step);
+           static_cast<int>(width), [first](int k) { return first + k; }, ty == 0 && active,
+           partials, step, dstep, grad_scale, min_step);
   }
 }
 
