@@ -86,6 +86,16 @@ at::Tensor dense(const at::Tensor& x) {
 
 at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& ref) {
   if (t.strides() == ref.strides()) return t;
+  // The stride of a dimension of size 1 never addresses an element (e.g. [N, C, 1, 1] in
+  // channels_last has H and W strides of either format): t has ref's layout when every other
+  // dimension has ref's stride, and then no copy is needed.
+  if (t.sizes() == ref.sizes()) {
+    bool same = true;
+    for (const auto d : c10::irange(t.dim())) {
+      same = same && (t.size(d) == 1 || t.stride(d) == ref.stride(d));
+    }
+    if (same) return t;
+  }
   return at::empty_like(ref).copy_(t);
 }
 

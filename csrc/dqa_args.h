@@ -30,7 +30,8 @@ std::vector<float> effective_steps(const at::Tensor& step, double min_step);
 // else a copy contiguous in x's suggested memory format. Outputs are allocated with
 // at::empty_like of the result, so they keep its memory format.
 at::Tensor dense(const at::Tensor& x);
-// t laid out with exactly ref's strides: t itself when it already is, else one copy.
+// t laid out as ref: t itself when its strides equal ref's on every dimension of size > 1
+// (a size-1 dimension's stride addresses nothing), else one copy with ref's strides.
 at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& ref);
 // The block view of a dense x for the given step (per-tensor when step has one element).
 Blocks blocks_of(const at::Tensor& x_dense, int64_t channel_dim, const at::Tensor& step);

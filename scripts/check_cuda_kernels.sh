@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # CPU-side checks of the CUDA kernels, no GPU needed:
-#  1. the host planner (csrc/cuda/dqa_plan.cpp) compiled alone with the C++ compiler, its unit
-#     tests (csrc/cuda/tests/plan_test.cpp) and the emulation of the kernels' index arithmetic
-#     over many shapes, alignments, dtypes and SM counts (csrc/cuda/tests/emulate_test.cpp);
+#  1. the host planner and counter slots (csrc/cuda/dqa_plan.cpp, dqa_counters.cpp) compiled
+#     alone with the C++ compiler, their unit tests (csrc/cuda/tests/plan_test.cpp), the
+#     emulation of the kernels' index arithmetic over many shapes, alignments, dtypes, SM counts
+#     and block arrival orders (emulate_test.cpp), and the proof of the kernels' fast exact
+#     division (divide_test.cpp);
 #  2. every csrc/cuda/*.cu compiled alone with nvcc (no torch) with the flags torch's build uses,
-#     for sm_80 and sm_90, printing each kernel's registers and spills; fails on any spill.
+#     for sm_80 and sm_90, by scripts/sass_report.py: registers, spills and the SASS
+#     instructions per element of every kernel's main loop, against the budgets there (fails on
+#     a spill or an exceeded budget). Without nvdisasm/cuobjdump it compiles with nvcc alone and
+#     checks spills only.
 #
 # Usage (from anywhere):  bash scripts/check_cuda_kernels.sh
 #   CXX=g++                     host C++ compiler (default: g++, else c++)
 #   NVCC=/path/to/nvcc          nvcc to use (default: $CUDA_HOME/bin/nvcc, else nvcc on PATH)
-#   PYTHON=python               reads torch's nvcc flags (torch.utils.cpp_extension); without
-#                               torch the copy below is used
-#   DQA_EXT_REQUIRE_NVCC=1      fail instead of skipping step 2 when no nvcc is found
+#   PYTHON=python               runs the SASS report and reads torch's nvcc flags; nvdisasm and
+#                               cuobjdump come from its site-packages (pip install
+#                               nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump) or PATH
+#   DQA_EXT_REQUIRE_NVCC=1      fail instead of skipping step 2 when nvcc, nvdisasm or
+#                               cuobjdump is missing (CI sets it)
 #   DQA_EMULATE_CASES=N         random emulation cases (default 3000)
+#   DQA_SASS_REPORT=FILE        also write the SASS report (markdown) there
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,13 +39,17 @@ if ! command -v "$cxx" >/dev/null 2>&1; then
   exit 1
 fi
 host_flags=(-std=c++17 -O2 -Wall -Wextra -Werror -Icsrc)
-echo "== host planner and emulation ($("$cxx" --version | head -n 1))"
+echo "== host planner, emulation, division proof ($("$cxx" --version | head -n 1))"
 if "$cxx" "${host_flags[@]}" -c csrc/cuda/dqa_plan.cpp -o "$tmp/dqa_plan.o" &&
-   "$cxx" "${host_flags[@]}" csrc/cuda/tests/plan_test.cpp "$tmp/dqa_plan.o" -o "$tmp/plan_test" &&
-   "$cxx" "${host_flags[@]}" csrc/cuda/tests/emulate_test.cpp "$tmp/dqa_plan.o" -o "$tmp/emulate_test"; then
+   "$cxx" "${host_flags[@]}" -c csrc/cuda/dqa_counters.cpp -o "$tmp/dqa_counters.o" &&
+   "$cxx" "${host_flags[@]}" csrc/cuda/tests/plan_test.cpp "$tmp/dqa_plan.o" "$tmp/dqa_counters.o" \
+     -pthread -o "$tmp/plan_test" &&
+   "$cxx" "${host_flags[@]}" csrc/cuda/tests/emulate_test.cpp "$tmp/dqa_plan.o" -o "$tmp/emulate_test" &&
+   "$cxx" "${host_flags[@]}" -ffp-contract=off csrc/cuda/tests/divide_test.cpp -o "$tmp/divide_test"; then
   "$tmp/plan_test" || { echo "check_cuda_kernels: planner tests FAILED" >&2; status=1; }
   "$tmp/emulate_test" "${DQA_EMULATE_CASES:-3000}" ||
     { echo "check_cuda_kernels: emulation FAILED" >&2; status=1; }
+  "$tmp/divide_test" || { echo "check_cuda_kernels: division proof FAILED" >&2; status=1; }
 else
   echo "check_cuda_kernels: FAILED to compile the planner or its tests" >&2
   status=1
@@ -61,62 +73,61 @@ if [[ -z "$nvcc" ]]; then
   exit $status
 fi
 
-# torch's nvcc flags (no half/bfloat16 operators or conversions, relaxed constexpr), read from
-# the installed torch when it imports, plus setup.py's own.
-torch_flags="$("${PYTHON:-python3}" -c \
-  'import torch.utils.cpp_extension as c; print(" ".join(c.COMMON_NVCC_FLAGS))' 2>/dev/null || true)"
-if [[ -z "$torch_flags" ]]; then
-  torch_flags="-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr"
-  echo "check_cuda_kernels: torch not importable, using a copy of its nvcc flags"
-fi
-read -r -a nvcc_flags <<<"$torch_flags"
-nvcc_flags+=(-std=c++17 -Xcompiler -fPIC -O3 -lineinfo -Icsrc -Xptxas -v
-             -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)
-
-demangle() { if command -v c++filt >/dev/null 2>&1; then c++filt; else cat; fi; }
-
+py="${PYTHON:-python3}"
 echo "== nvcc: $("$nvcc" --version | tail -n 1)"
-echo "   flags: ${nvcc_flags[*]}"
-shopt -s nullglob
-sources=(csrc/cuda/*.cu)
-if [[ ${#sources[@]} -eq 0 ]]; then
-  echo "check_cuda_kernels: no csrc/cuda/*.cu found" >&2
-  exit 1
+report_args=(--check --nvcc "$nvcc")
+[[ -n "${DQA_SASS_REPORT:-}" ]] && report_args+=(--out "$DQA_SASS_REPORT")
+rc=0
+kernels="kernels within the SASS budgets without spills"
+"$py" scripts/sass_report.py "${report_args[@]}" >"$tmp/sass.md" 2>"$tmp/sass.err" || rc=$?
+if [[ $rc -eq 0 || $rc -eq 1 ]]; then
+  # The table, then the verdict (the report's last lines).
+  sed -n '/^| arch/,$p' "$tmp/sass.md"
+  cat "$tmp/sass.err" >&2
+  if [[ $rc -ne 0 ]]; then
+    echo "check_cuda_kernels: SASS report FAILED (spills or budgets, above)" >&2
+    status=1
+  fi
+elif [[ $rc -eq 2 ]]; then
+  # nvdisasm or cuobjdump missing: compile with nvcc alone and check spills.
+  cat "$tmp/sass.err" >&2
+  if [[ "${DQA_EXT_REQUIRE_NVCC:-0}" == "1" ]]; then
+    echo "check_cuda_kernels: SASS budget check needs nvdisasm and cuobjdump and DQA_EXT_REQUIRE_NVCC=1" >&2
+    exit 1
+  fi
+  echo "check_cuda_kernels: SASS budget check skipped (pip install nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump); checking spills with nvcc alone"
+  kernels="kernels compiled without spills, SASS budgets NOT checked"
+  torch_flags="$("$py" -c 'import torch.utils.cpp_extension as c; print(" ".join(c.COMMON_NVCC_FLAGS))' 2>/dev/null || true)"
+  if [[ -z "$torch_flags" ]]; then
+    torch_flags="-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr"
+  fi
+  read -r -a nvcc_flags <<<"$torch_flags"
+  nvcc_flags+=(-std=c++17 -Xcompiler -fPIC -O3 -lineinfo -Icsrc -Xptxas -v
+               -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)
+  shopt -s nullglob
+  for src in csrc/cuda/*.cu; do
+    log="$tmp/$(basename "$src").log"
+    echo "== $src"
+    if ! "$nvcc" "${nvcc_flags[@]}" -c "$src" -o "$tmp/$(basename "$src").o" >"$log" 2>&1; then
+      cat "$log" >&2
+      echo "check_cuda_kernels: FAILED to compile $src" >&2
+      status=1
+      continue
+    fi
+    if grep -E "bytes spill (stores|loads)" "$log" | grep -Eqv "\b0 bytes spill stores, 0 bytes spill loads"; then
+      echo "check_cuda_kernels: SPILLS in $src" >&2
+      status=1
+    fi
+  done
+else
+  cat "$tmp/sass.err" >&2
+  echo "check_cuda_kernels: SASS report FAILED to run (rc=$rc)" >&2
+  status=1
 fi
-
-for src in "${sources[@]}"; do
-  log="$tmp/$(basename "$src").log"
-  echo "== $src"
-  if ! "$nvcc" "${nvcc_flags[@]}" -c "$src" -o "$tmp/$(basename "$src").o" >"$log" 2>&1; then
-    cat "$log" >&2
-    echo "check_cuda_kernels: FAILED to compile $src" >&2
-    status=1
-    continue
-  fi
-  # ptxas prints, per kernel and arch: "Compiling entry function 'NAME' for 'sm_XX'", then
-  # "N bytes stack frame, S bytes spill stores, L bytes spill loads" and "Used R registers".
-  awk '
-    /Compiling entry function/ { match($0, /\x27[^\x27]+\x27 for \x27sm_[0-9]+\x27/);
-                                 s = substr($0, RSTART, RLENGTH); gsub(/\x27/, "", s);
-                                 split(s, a, " for "); name = a[1]; arch = a[2]; next }
-    /bytes spill stores/       { spill = $0; sub(/^[ \t]+/, "", spill); next }
-    /Used [0-9]+ registers/    { match($0, /Used [0-9]+ registers/);
-                                 regs = substr($0, RSTART + 5, RLENGTH - 15);
-                                 printf "%s  regs=%-3s %s  %s\n", arch, regs, spill, name;
-                                 spill = "" }
-  ' "$log" | demangle | sed -e 's/(anonymous namespace):://g' -e 's/(.*$//' | sort
-  if grep -E "bytes spill (stores|loads)" "$log" | grep -Eqv "\b0 bytes spill stores, 0 bytes spill loads"; then
-    echo "check_cuda_kernels: SPILLS in $src (see above)" >&2
-    status=1
-  fi
-  if grep -Ei "warning" "$log" >/dev/null; then
-    grep -Ei "warning" "$log" >&2
-  fi
-done
 
 if [[ $status -ne 0 ]]; then
   echo "check_cuda_kernels: FAILED" >&2
 else
-  echo "check_cuda_kernels: OK (planner tests, emulation, kernels compiled without spills)"
+  echo "check_cuda_kernels: OK (planner tests, emulation, division proof, $kernels)"
 fi
 exit $status

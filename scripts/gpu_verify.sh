@@ -1,30 +1,35 @@
 #!/usr/bin/env bash
-# The CUDA verification for a lent GPU (sized for one H200 and a 10-minute command): builds
-# dqa_ext for the GPU's arch only; then at once the CUDA tests, compute-sanitizer (memcheck,
-# racecheck, initcheck, synccheck) over every kernel path and, when the robustness extras' wheels
-# are in .whl/robust/, `dqa reproduce` on the GPU; then, on a quiet GPU, the CUDA benchmarks
-# against the peers (kernels and training steps) and the profiles behind the targets (ncu on the
-# kernels, torch.profiler on a ResNet-20 step). Everything lands in ONE results folder of at most
-# 6 files (a lent machine returns at most 8):
-#   SUMMARY.md          each step: status, seconds, the tail of its log when it failed; environment
-#   logs.tar.gz         every step's full log, the JUnit XML of the tests, nvidia-smi, the profiles,
-#                       the benchmark tables of torch.compile (bench_compile/) and of the other
-#                       activation shapes (bench_more/)
-#   bench/*.md|json     the benchmark tables and record (benchmarks/conftest.py writes them)
-#   reproduce.tar.gz    dqa reproduce's report, results and per-model evaluations (no checkpoints)
+# The CUDA verification and measurement for a lent GPU, within 5 minutes (DQA_GPU_DEADLINE_S,
+# default 290 s), ordered by value, each step with its own timeout cut to what is left:
+#   1. build for the GPU's arch only (ptxas's register and spill lines in the log); a failed
+#      build ends the run;
+#   2. at once: the kernels' own CUDA tests (tests/kernels/test_cuda_kernels.py, -x) and
+#      compute-sanitizer memcheck and racecheck over every kernel path
+#      (scripts/gpu_sanitize_paths.py; the fused finalize must show no race);
+#   3. on the quiet GPU: device time of every op and its floors by CUDA-graph replay, and host
+#      time per call (scripts/gpu_device_time.py);
+#   4. Nsight Compute on the key case: time, DRAM, issue slots, thread instructions per element,
+#      stall reasons (scripts/gpu_profile.py);
+#   5. the ResNet-20 training step, eager, graphed and compiled, paired rounds, TF32 off
+#      (scripts/gpu_train_step.py; written as it goes, so a cut run keeps what it measured);
+#   6. with the time left: the other CUDA tests, initcheck and synccheck.
+# Everything lands in ONE results folder of at most 6 files (a lent machine returns at most 8):
+#   SUMMARY.md          each step's status and seconds, the environment, the tables of 3-5, and the
+#                       tail of each failed step's log
+#   device_time.json    every device- and host-time figure, the device and versions
+#   train_step.json     the training-step rounds
+#   logs.tar.gz         every step's full log (the build's ptxas lines), JUnit XML, nvidia-smi, the
+#                       ncu CSV and its table
 #   FAILED              the names of the failed steps (absent when all passed)
-# A failed build ends the run (nothing after it could pass); any other failure is recorded and the
-# next step runs; each step has its own timeout, cut to what is left of the overall deadline
-# (DQA_GPU_DEADLINE_S, default 540 s).
-# Without a GPU (or with --dry-run) it runs the host steps and stops before the first step that
-# needs one, saying so.
+# Without a GPU (or with --dry-run) it runs the host steps, the measuring scripts' own dry runs
+# (cases, byte counts, tables, the op calls on the CPU) and stops, saying so.
 #
 # Usage (from anywhere; runs in the repository root):
 #   bash scripts/gpu_verify.sh [--dry-run] [RESULTS_DIR]   default: benchmarks/results/gpu-<UTC time>
 #   PYTHON=python3            interpreter with a CUDA build of torch (default: python3)
-#   TORCH_CUDA_ARCH_LIST=9.0  the archs to build (default: the visible GPU's, e.g. 9.0 on an H200)
+#   TORCH_CUDA_ARCH_LIST=9.0  the archs to build (default: the visible GPU's, e.g. 9.0 on an H100)
 # Wheels of missing test packages (pytest, hypothesis, pytest-benchmark and their needs) are
-# installed from .whl/ when present: see README's "CUDA verification on a lent GPU".
+# installed from .whl/ when present (no network on a lent machine).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,24 +44,26 @@ out="${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$out/logs" || exit 1
 out="$(cd "$out" && pwd)"
 logs="$out/logs"
-deadline_s="${DQA_GPU_DEADLINE_S:-540}"
+deadline_s="${DQA_GPU_DEADLINE_S:-290}"
 started=$SECONDS
 # Each step appends its row to steps.md (background steps too) and its name to failed.txt.
 rows="$out/steps.md"
 failed_list="$out/failed.txt"
+tables="$out/tables.md"
 : >"$rows"
 : >"$failed_list"
+: >"$tables"
 record() {  # record NAME STATUS SECONDS
   echo "| $1 | $2 | $3 |" >>"$rows"
   [[ "$2" == ok ]] || echo "$1" >>"$failed_list"
 }
 
 # step NAME CAP_S CMD...: runs CMD under `timeout` (CAP_S, or what is left of the deadline minus
-# 20 s for packing), stdout and stderr in logs/NAME.log; records status and seconds.
+# 15 s for packing), stdout and stderr in logs/NAME.log; records status and seconds.
 step() {
   local name="$1" cap="$2"
   shift 2
-  local left=$((deadline_s - (SECONDS - started) - 20))
+  local left=$((deadline_s - (SECONDS - started) - 15))
   local limit=$((cap < left ? cap : left))
   if ((limit < 10)); then
     echo "== $name: SKIPPED (out of time)"
@@ -75,6 +82,12 @@ step() {
   echo "   $name: $status (${dt}s)"
   record "$name" "$status" "$dt"
   [[ "$status" == ok ]]
+}
+
+# table FILE TITLE: appends a step's markdown table to the summary's tables.
+table() {
+  [[ -s "$1" ]] || return 0
+  { echo; echo "$2"; echo; cat "$1"; } >>"$tables"
 }
 
 finish() {
@@ -97,6 +110,7 @@ finish() {
     echo '```'
     cat "$logs/environment.log" 2>/dev/null
     echo '```'
+    cat "$tables"
     for name in "${failed[@]}"; do
       [[ -f "$logs/$name.log" ]] || continue
       echo
@@ -107,7 +121,7 @@ finish() {
     done
   } >"$out/SUMMARY.md"
   if ((${#failed[@]})); then printf '%s\n' "${failed[@]}" >"$out/FAILED"; else rm -f "$out/FAILED"; fi
-  rm -f "$rows" "$failed_list"
+  rm -f "$rows" "$failed_list" "$tables"
   tar -czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$logs"
   echo
   echo "results: $out ($(ls "$out" | tr '\n' ' '))"
@@ -132,7 +146,7 @@ print("cuda_available:", torch.cuda.is_available())
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device:", p.name, "sm_%d%d" % (p.major, p.minor), "SMs:", p.multi_processor_count,
-          "memory_GiB: %.1f" % (p.total_memory / 2**30))
+          "memory_GiB: %.1f" % (p.total_memory / 2**30), "L2_MiB:", getattr(p, "L2_cache_size", 0) // 2**20)
 PY
 }
 export py
@@ -155,43 +169,30 @@ export repo
 export -f wheels
 if step wheels 90 bash -c wheels && [[ -d /tmp/dqa-site ]]; then export PYTHONPATH="/tmp/dqa-site${PYTHONPATH:+:$PYTHONPATH}"; fi
 
-# The robustness extras (ART, mlxtend; absent on a lent machine) from .whl/robust/, for
-# `dqa reproduce` on the GPU.
-robust() {
-  compgen -G "$repo/.whl/robust/*.whl" >/dev/null || { echo "no .whl/robust/: dqa reproduce will not run"; return 1; }
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/dqa-robust "$repo"/.whl/robust/*.whl || return 1
-  echo "installed into /tmp/dqa-robust: $(ls "$repo"/.whl/robust | tr '\n' ' ')"
-}
-export -f robust
-have_robust=0
-if ((dry_run == 0)) && compgen -G "$repo/.whl/robust/*.whl" >/dev/null && step robust 60 bash -c robust; then
-  have_robust=1
-  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/dqa-robust"
-fi
-
-# The kernel test files and convert's (the robustness suite's need ART and mlxtend); in them,
-# every test whose id or file names cuda (DEVICES-parametrised tests included).
-kernel_tests=()
-for f in test_cuda_kernels test_layouts test_math test_module test_compile test_errors test_convert; do
-  kernel_tests+=("$repo/tests/$f.py")
-done
+# The kernel and module tests (the robustness suite's need ART and mlxtend); in them, every test
+# marked cuda (the DEVICES-parametrised tests' cuda cases included).
+kernel_tests=("$repo/tests/kernels" "$repo/tests/module")
 # They import and collect (catches an import error before any GPU minute is spent).
-step collect 60 "$py" -m pytest -q --collect-only -p no:cacheprovider -k cuda "${kernel_tests[@]}"
-
+step collect 60 "$py" -m pytest -q --collect-only -p no:cacheprovider -m cuda "${kernel_tests[@]}"
 gpu=0
 if ((dry_run == 0)) && "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   gpu=1
 fi
 if ((gpu == 0)); then
+  # The measuring scripts' dry runs: cases, byte counts and tables, the op calls on the CPU.
+  dry="$(mktemp -d)"
+  step dry_device_time 120 "$py" "$repo/scripts/gpu_device_time.py" --dry-run --out "$dry"
+  step dry_profile 30 "$py" "$repo/scripts/gpu_profile.py" kernels --dry-run --labels "$dry/labels.json"
+  step dry_train_step 120 "$py" "$repo/scripts/gpu_train_step.py" --dry-run --out "$dry"
+  rm -rf "$dry"
   why="no GPU"
   if ((dry_run)); then
     why="--dry-run"
   else
     record gpu "FAILED: torch sees no CUDA device: nothing verified" 0
   fi
-  echo "== $why: stopping after the host steps (next: build for the GPU's arch, CUDA tests, sanitizers, benchmarks)"
-  echo "| build, pytest_cuda, sanitizers, bench_cuda | not run: $why | 0 |" >>"$rows"
+  echo "== $why: stopping after the host steps (next: build, CUDA tests and sanitizers, device time, ncu, training step)"
+  echo "| build, pytest_cuda, sanitizers, device_time, profile_ncu, train_step | not run: $why | 0 |" >>"$rows"
   finish "stopped after the host steps: $why"
 fi
 
@@ -201,9 +202,9 @@ if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
   export TORCH_CUDA_ARCH_LIST
 fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-# Non-editable install; Python then runs from outside the checkout so that the installed package
-# (with its _C) is the one imported, not the source tree's dqa_ext/.
-if ! step build 300 "$py" -m pip install -v --no-build-isolation --no-deps --no-index "$repo"; then
+# Non-editable install, ptxas's resource lines in the log (nvcc reads NVCC_APPEND_FLAGS); Python
+# then runs from outside the checkout so that the installed package (with its _C) is imported.
+if ! step build 150 env NVCC_APPEND_FLAGS="-Xptxas -v" "$py" -m pip install -v --no-build-isolation --no-deps --no-index "$repo"; then
   echo "| everything after the build | not run: the build failed | 0 |" >>"$rows"
   finish "stopped: the build failed"
 fi
@@ -212,66 +213,66 @@ fi
 work="$(mktemp -d)"
 cd "$work" || exit 1
 # The installed package has CUDA kernels (else every CUDA test would skip and pass).
-step backend_info 60 "$py" -c 'import json, dqa_ext
+step backend_info 30 "$py" -c 'import json, dqa_ext
 from dqa_ext import _backend
 print(json.dumps(dqa_ext.backend_info(), indent=2, default=str))
 assert _backend.BUILT_FOR["cuda"], "dqa_ext was built without its CUDA kernels"'
 
-# At once, none of them timed: the CUDA tests, the four sanitizers (one GPU, four processes) and
-# dqa reproduce. The benchmarks wait for all of them.
-step pytest_cuda 200 "$py" -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -k cuda \
-  --junitxml="$logs/pytest_cuda.xml" "${kernel_tests[@]}" &
-if ((have_robust)); then
-  # The default preset on the GPU (bf16 autocast in training); its timing is shared with the
-  # tests and sanitizers running beside it. Checkpoints stay behind (they are reproducible).
-  step reproduce 210 env OMP_NUM_THREADS=4 "$py" -u -m dqa_ext reproduce --out "$out/reproduce" --device cuda &
-fi
-
-# compute-sanitizer, the four tools at once (one GPU, four processes): small cases of every path.
+# At once, none of them timed: the kernels' own tests and two sanitizers (one GPU, three processes).
+step pytest_cuda_kernels 90 "$py" -m pytest -q -x -rs -p no:cacheprovider \
+  --junitxml="$logs/pytest_cuda_kernels.xml" "$repo/tests/kernels/test_cuda_kernels.py" &
 san="${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"
 [[ -x "$san" ]] || san="$(command -v compute-sanitizer || true)"
+sanitize() {  # sanitize TOOL CAP [--big]
+  local tool="$1" cap="$2"
+  shift 2
+  # No caching allocator: memcheck then sees each tensor's own bounds.
+  step "sanitizer_$tool" "$cap" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" \
+    --error-exitcode 1 "$py" "$repo/scripts/gpu_sanitize_paths.py" "$@"
+}
 if [[ -z "$san" ]]; then
   record sanitizers "FAILED: compute-sanitizer not found" 0
 else
-  for tool in memcheck racecheck initcheck synccheck; do
-    extra=()
-    [[ "$tool" == memcheck ]] && extra=(--big)
-    # No caching allocator: memcheck then sees each tensor's own bounds.
-    step "sanitizer_$tool" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$san" --tool "$tool" \
-      --error-exitcode 1 "$py" "$repo/scripts/gpu_sanitize_paths.py" "${extra[@]}" &
-  done
+  sanitize memcheck 90 --big &
+  sanitize racecheck 90 &
 fi
 wait
-if [[ -d "$out/reproduce" ]]; then  # what it wrote, finished or not (per-model evaluations resume)
-  tar -czf "$out/reproduce.tar.gz" -C "$out" --exclude=reproduce/models reproduce && rm -rf "$out/reproduce"
-fi
 
-# The CUDA benchmarks against the peers, short: the key shape [32,64,56,56] and ResNet-20's last
-# stage, every dtype, layout and granularity, without torch.compile (seconds per graph), and the
-# training steps (ResNet-20 at batch 256); torch.compile against ext on the key case, apart, so
-# that a slow compile cannot cost the first table; the profiles; then the other activation
-# shapes (ResNet-50 with 256 channels, ResNet-20's first stage) into the logs.
-step bench_cuda 150 env DQA_BENCH_COMPILE=0 "$py" -m pytest -q -p no:cacheprovider \
-  "$repo/benchmarks/test_bench_ops.py" "$repo/benchmarks/test_bench_training.py" \
-  -k "cuda and (r50a or r20c or resnet20 or mnist_cnn)" \
-  --bench-budget 0.05 --bench-write --bench-results "$out/bench"
-step bench_cuda_compile 90 env DQA_BENCH_COMPILE=key "$py" -m pytest -q -p no:cacheprovider \
-  "$repo/benchmarks/test_bench_ops.py" -k "cuda and r50a and pc and nchw and (ext or compile)" \
-  --bench-budget 0.05 --bench-write --bench-results "$logs/bench_compile"
-step profile_training 60 "$py" "$repo/scripts/gpu_profile.py" training
+# On the quiet GPU: the measurements.
+if step device_time 75 "$py" -u "$repo/scripts/gpu_device_time.py" --out "$logs"; then
+  table "$logs/device_time.md" "## Device and host time (scripts/gpu_device_time.py)"
+fi
+[[ -f "$logs/device_time.json" ]] && cp "$logs/device_time.json" "$out/"
 ncu="$(command -v ncu || true)"
 [[ -n "$ncu" ]] || ncu="${CUDA_HOME:-/usr/local/cuda}/bin/ncu"
 if [[ -x "$ncu" ]]; then
-  # Each dqa_ext kernel of the key case: duration, DRAM bytes and throughput against the peak,
-  # occupancy. Clocks left as they are (the benchmarks ran at the same clocks).
-  step profile_ncu 90 "$ncu" --clock-control none --kernel-name-base demangled -k regex:dqa_cuda \
-    --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__block_size,launch__registers_per_thread \
-    --csv --print-units base "$py" "$repo/scripts/gpu_profile.py" kernels
+  # Clocks left as they are (the device-time figures ran at the same clocks).
+  if step profile_ncu 60 "$ncu" --profile-from-start off --clock-control none --csv --page raw \
+      --log-file "$logs/ncu.csv" --metrics "$("$py" "$repo/scripts/gpu_profile.py" metrics)" \
+      --section WarpStateStats "$py" "$repo/scripts/gpu_profile.py" kernels --labels "$logs/ncu_labels.json" &&
+     step ncu_summary 30 "$py" "$repo/scripts/gpu_profile.py" summary "$logs/ncu.csv" \
+      --labels "$logs/ncu_labels.json" --out "$logs/ncu_table.md"; then
+    table "$logs/ncu_table.md" "## Nsight Compute, key case [32, 64, 56, 56] (scripts/gpu_profile.py)"
+  fi
 else
   record profile_ncu "FAILED: ncu not found" 0
 fi
-step bench_cuda_more 90 env DQA_BENCH_COMPILE=0 "$py" -m pytest -q -p no:cacheprovider \
-  "$repo/benchmarks/test_bench_ops.py" -k "cuda and (r50b or r20a)" \
-  --bench-budget 0.05 --bench-write --bench-results "$logs/bench_more"
+step train_step 80 "$py" -u "$repo/scripts/gpu_train_step.py" --out "$logs"
+if [[ -f "$logs/train_step.md" ]]; then
+  table "$logs/train_step.md" "## Training step (scripts/gpu_train_step.py)"
+elif [[ -f "$logs/train_step.json" ]]; then  # cut short: the modes it finished
+  { echo; echo "## Training step (cut short; the modes measured, from train_step.json)"; echo; echo '```'
+    cat "$logs/train_step.json"; echo '```'; } >>"$tables"
+fi
+[[ -f "$logs/train_step.json" ]] && cp "$logs/train_step.json" "$out/"
+
+# With the time left: the other CUDA tests, then the other two sanitizers.
+step pytest_cuda_rest 120 "$py" -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -m cuda \
+  --deselect "$repo/tests/kernels/test_cuda_kernels.py" --junitxml="$logs/pytest_cuda_rest.xml" "${kernel_tests[@]}"
+if [[ -n "$san" ]]; then
+  sanitize initcheck 60 &
+  sanitize synccheck 60 &
+  wait
+fi
 
 finish "ran on the GPU"

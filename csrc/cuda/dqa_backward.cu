@@ -5,7 +5,11 @@
 //   grad_tiles_kernel  the same for short rows (channels_last, (N, C), small H*W): a block owns
 //                      a tile of bx*VEC consecutive columns of the [outer, C*inner] matrix and a
 //                      range of rows, so every load stays coalesced.
-//   finalize_kernel    sums each channel's partials in a fixed order in double, times grad_scale.
+//   finalize_kernel    sums each channel's partials in the fixed order of dqa_walk.h, times
+//                      grad_scale: only when the main kernel could not do it itself.
+// Fused finalize: after writing its partials a block arrives at its group's counter; the last
+// to arrive sums the group, the last group the channel, and writes dstep (dqa_walk.h's
+// reduction). The counters (g_counters) start at zero and every launch leaves them at zero.
 // The partition (VEC, grid, block) comes from plan_backward (dqa_plan.h): a function of shape
 // and dtype. kPacked false (a pointer not aligned to VEC) loads and stores element by element,
 // the same elements in the same order, so the sums are bitwise the same. Each thread's float32
@@ -17,58 +21,192 @@
 #include <type_traits>
 
 #include "../dqa_math.h"
+#include "dqa_counters.h"
 #include "dqa_device.cuh"
+#include "dqa_divide.h"
 #include "dqa_kernels.cuh"
 #include "dqa_plan.h"
 #include "dqa_walk.h"
 
 namespace dqa_cuda {
+
+// Arrival counters of the fused finalize: kCounterSlots slots of kMaxCounters (dqa_counters.h).
+// Zero when the module loads; each launch resets every counter it used.
+__device__ unsigned int g_counters[kCounterSlots * kMaxCounters];
+
 namespace {
 
-// grad_x of one element; returns its term dy * t(v) of the step gradient.
-template <typename T>
-__device__ __forceinline__ float grad_one(T dy, T x, T* dx, float s, float qmin, float qmax) {
-  const float v = dqa::scaled(to_float(x), s);
-  const float g = to_float(dy);
-  *dx = from_float<T>(dqa::grad_input(v, g, s, qmin, qmax));
-  return __fmul_rn(g, dqa::grad_step_term(v, qmin, qmax));
+// The tiled backward within 48 registers (65536 / (256 * 5) = 51, allocated in steps of 8):
+// kTiledBackwardMaxVec columns per thread, kTiledRowsInFlight rows in flight (dqa_plan.h).
+constexpr int kTiledBackwardMinBlocks = 5;
+
+// NV vectors (two in flight, or one) at e[0 .. NV): whole, or n < VEC elements when NV is 1.
+// Writes grad_x and calls add(i, dy * t(v)) for element i = k * VEC + j (vector k, element j:
+// in that order; each add rounds on its own, no FMA contraction). Element j's divisor is
+// div_of(j); the quotients are the IEEE ones (dqa_device.cuh's quotients).
+template <typename T, int VEC, int NV, bool kPacked, typename DivOf, typename Add>
+__device__ __forceinline__ void grad_vectors(const T* __restrict__ dy, const T* __restrict__ x,
+                                             T* __restrict__ dx, const int64_t (&e)[NV], int64_t n,
+                                             DivOf div_of, float qmin, float qmax, Add add) {
+  Pack<T, VEC> gv[NV];
+  Pack<T, VEC> xv[NV];
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    gv[k] = load_vec<T, VEC, kPacked>(dy + e[k], n);
+    xv[k] = load_vec<T, VEC, kPacked>(x + e[k], n);
+  }
+  // One vector at a time once every load is in flight, stored as soon as it is computed:
+  // fewer registers live.
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    Pack<T, VEC> ov;
+    float xf[VEC];
+    float v[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) xf[j] = to_float(xv[k].v[j]);
+    quotients(xf, v, div_of);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float g = to_float(gv[k].v[j]);
+      ov.v[j] = from_float<T>(dqa::grad_input(v[j], g, div_of(j).s, qmin, qmax));
+      add(k * VEC + j, __fmul_rn(g, dqa::grad_step_term(v[j], qmin, qmax)));
+    }
+    store_vec<T, VEC, kPacked>(dx + e[k], ov, n);
+  }
+}
+
+// dstep[c] from the channel's total, times d effective_step / d step[c] (-1, 0 or 1: exact).
+__device__ __forceinline__ void write_dstep(float* __restrict__ dstep, const float* __restrict__ step,
+                                            int64_t c, double total, double grad_scale,
+                                            float min_step) {
+  dstep[c] = static_cast<float>(total * grad_scale) *
+             dqa::effective_step_grad(__ldg(step + c), min_step);
+}
+
+// Fused finalize, by every thread of a block that has written the partials m of the K channels
+// channel_of(0 .. K-1) of domain d (dqa_walk.h). Returns at once unless this block arrives last
+// at its group's counter; then it computes L_g of each channel (one warp per channel, lane l the
+// term m = 32g + l, two channels per warp at a time so their loads are in flight together),
+// and if it arrives last at the domain's counter too, the totals.
+template <typename ChannelOf>
+__device__ void arrive(const ReduceArgs& r, unsigned int* __restrict__ counters, int64_t d,
+                       int64_t m, int K, ChannelOf channel_of, bool wrote_partials,
+                       double* __restrict__ partials, const float* __restrict__ step,
+                       float* __restrict__ dstep, double grad_scale, float min_step) {
+  constexpr int kAtOnce = 2;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int nwarps = blockDim.x >> 5;
+  const int64_t g = m / kGroup;
+  // This block's partials are visible before its arrival: only their writers need the fence
+  // (it waits for the thread's own stores, grad_x's included).
+  if (wrote_partials) __threadfence();
+  __syncthreads();
+  unsigned int* const group_count = counters + group_counter(r, d, g);
+  bool last = threadIdx.x == 0 &&
+              atomicAdd(group_count, 1u) == static_cast<unsigned int>(group_size(r, g) - 1);
+  if (!__syncthreads_or(last)) return;
+  __threadfence();  // and the other blocks' partials are visible to this one
+  for (int k0 = warp * kAtOnce; k0 < K; k0 += nwarps * kAtOnce) {
+    double v[kAtOnce];
+#pragma unroll
+    for (int u = 0; u < kAtOnce; ++u) {
+      const int64_t slot = k0 + u < K ? level1_slot(r, channel_of(k0 + u), g, lane) : -1;
+      v[u] = slot >= 0 ? __ldcg(partials + slot) : 0.0;
+    }
+#pragma unroll
+    for (int u = 0; u < kAtOnce; ++u) {
+      if (k0 + u >= K) break;
+      const int64_t c = channel_of(k0 + u);
+      const double level = warp_sum(v[u]);
+      if (r.groups == 1) {  // the total: 0 + T(L_0, 0, ..., 0)
+        const double t = warp_sum(lane == 0 ? level : 0.0);
+        if (lane == 0) write_dstep(dstep, step, c, 0.0 + t, grad_scale, min_step);
+      } else if (lane == 0) {
+        partials[group_slot(r, c, g)] = level;
+      }
+    }
+  }
+  if (threadIdx.x == 0) *group_count = 0u;  // every member has arrived: ready for the next launch
+  if (r.groups == 1) return;
+  __threadfence();
+  __syncthreads();
+  unsigned int* const domain_count = counters + domain_counter(r, d);
+  last = threadIdx.x == 0 &&
+         atomicAdd(domain_count, 1u) == static_cast<unsigned int>(r.groups - 1);
+  if (!__syncthreads_or(last)) return;
+  __threadfence();
+  for (int k0 = warp * kAtOnce; k0 < K; k0 += nwarps * kAtOnce) {
+    double total[kAtOnce];
+#pragma unroll
+    for (int u = 0; u < kAtOnce; ++u) total[u] = 0.0;
+    for (int64_t h = 0; h * kGroup < r.groups; ++h) {
+      double v[kAtOnce];
+#pragma unroll
+      for (int u = 0; u < kAtOnce; ++u) {
+        const int64_t slot = k0 + u < K ? level2_slot(r, channel_of(k0 + u), h, lane) : -1;
+        v[u] = slot >= 0 ? __ldcg(partials + slot) : 0.0;
+      }
+#pragma unroll
+      for (int u = 0; u < kAtOnce; ++u) total[u] += warp_sum(v[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kAtOnce; ++u) {
+      if (lane == 0 && k0 + u < K) {
+        write_dstep(dstep, step, channel_of(k0 + u), total[u], grad_scale, min_step);
+      }
+    }
+  }
+  if (threadIdx.x == 0) *domain_count = 0u;
 }
 
 template <typename T, int VEC, bool kPacked>
 __global__ void __launch_bounds__(kThreads)
     grad_rows_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                      const float* __restrict__ step, T* __restrict__ dx,
-                     double* __restrict__ partials, RowsWalk w, float qmin, float qmax,
-                     float min_step) {
+                     double* __restrict__ partials, float* __restrict__ dstep, RowsWalk w,
+                     ReduceArgs r, int slot, float qmin, float qmax, float min_step,
+                     double grad_scale) {
   __shared__ double smem[32];
-  // Each thread's flushed double sum lives in shared memory, not in registers: the IEEE
-  // division's slow path is a call, and registers live across it would spill.
-  __shared__ double flushed[kThreads];
-  double& total = flushed[threadIdx.x];
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  __shared__ double flushed_sums[kThreads];
   for (int64_t c = blockIdx.y; c < w.C; c += gridDim.y) {
-    const float s = load_step(step, c, min_step);
+    const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const Divisor d = make_divisor(load_step(step, c, min_step));
+    const auto div_of = [d](int) { return d; };
+    // This thread's float32 sum, added into its double after every kFlushTerms terms at most.
+    // The double stays in shared memory (volatile: not promoted to a register that would live,
+    // and spill, across the main loop).
     float acc = 0.f;
-    total = 0.0;
-    int vectors = 0;
-    walk_channel_rows<VEC>(w, tid, c, [&](int64_t e, int64_t n) {
-      const Pack<T, VEC> gv = load_vec<T, VEC, kPacked>(dy + e, n);
-      const Pack<T, VEC> xv = load_vec<T, VEC, kPacked>(x + e, n);
-      Pack<T, VEC> ov;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float term = grad_one(gv.v[j], xv.v[j], &ov.v[j], s, qmin, qmax);
-        if (j < n) acc = __fadd_rn(acc, term);
-      }
-      store_vec<T, VEC, kPacked>(dx + e, ov, n);
-      if (++vectors == kFlushTerms / VEC) {
-        total += acc;
-        acc = 0.f;
-        vectors = 0;
-      }
-    });
-    const double block = block_sum(total + acc, smem);
-    if (threadIdx.x == 0) partials[rows_slot(c, blockIdx.x, gridDim.x)] = block;
+    volatile double& flushed = flushed_sums[threadIdx.x];
+    flushed = 0.0;
+    walk_channel_rows<VEC, kRowsPairsPerFlush<VEC>>(
+        w, tid, c,
+        [&](int64_t e0, int64_t e1) {
+          const int64_t e[2] = {e0, e1};
+          grad_vectors<T, VEC, 2, kPacked>(dy, x, dx, e, VEC, div_of, qmin, qmax,
+                                           [&](int, float t) { acc = __fadd_rn(acc, t); });
+        },
+        [&](int64_t e0, int64_t n) {
+          const int64_t e[1] = {e0};
+          grad_vectors<T, VEC, 1, kPacked>(dy, x, dx, e, n, div_of, qmin, qmax, [&](int j, float t) {
+            if (j < n) acc = __fadd_rn(acc, t);
+          });
+        },
+        [&] {
+          flushed = flushed + acc;
+          acc = 0.f;
+        });
+    const double block = block_sum(flushed + acc, smem);
+    if (r.count == 1) {  // this block is the channel's only one: its sum is the total
+      if (threadIdx.x == 0) write_dstep(dstep, step, c, 0.0 + block, grad_scale, min_step);
+      continue;
+    }
+    const unsigned p = fresh_block_x();
+    if (threadIdx.x == 0) partials[rows_slot(c, p, gridDim.x)] = block;
+    if (slot >= 0) {
+      arrive(r, g_counters + int64_t{slot} * kMaxCounters, c, p, 1, [c](int) { return c; },
+             threadIdx.x == 0, partials, step, dstep, grad_scale, min_step);
+    }
   }
 }
 
@@ -76,51 +214,60 @@ __global__ void __launch_bounds__(kThreads)
 // of tile blockIdx.x (VEC divides W: a vector is all in or all out) and rows
 // blockIdx.y*by + ty + k*gridDim.y*by. The by sums of a column are added in a fixed tree.
 template <typename T, int VEC, bool kPacked>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTiledBackwardMinBlocks)
     grad_tiles_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                       const float* __restrict__ step, T* __restrict__ dx,
-                      double* __restrict__ partials, int64_t outer, int64_t W, Divider by_inner,
-                      int bx_log2, float qmin, float qmax, float min_step) {
+                      double* __restrict__ partials, float* __restrict__ dstep, TilesWalk w,
+                      Divider by_inner, int bx_log2, ReduceArgs r, int slot,
+                      float qmin, float qmax, float min_step, double grad_scale) {
   __shared__ double smem[kThreads * VEC];
   const int bx = 1 << bx_log2;
   const int by = kThreads >> bx_log2;
   const int tx = threadIdx.x & (bx - 1);
   const int ty = threadIdx.x >> bx_log2;
   const int64_t col = tile_column(blockIdx.x, bx, tx, VEC);
+  const int64_t W = w.W;
   const bool active = col < W;
   // This thread's VEC flushed double sums, then its row of the tree below (shared memory, not
   // registers: the IEEE division's slow path is a call, and registers live across it spill).
   const int row_len = bx * VEC;
-  double* mine = smem + ty * row_len + tx * VEC;
+  volatile double* mine = smem + ty * row_len + tx * VEC;
   float s[VEC];
+  float rcp[VEC];
+  float lo = 0.f;  // one range for the thread: the fast division only if every step allows it
   float acc[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    s[j] = active ? load_step(step, by_inner.div(col + j), min_step) : 0.f;
+    const Divisor d = make_divisor(active ? load_step(step, by_inner.div(col + j), min_step) : 1.f);
+    s[j] = d.s;
+    rcp[j] = d.r;
+    lo = fmaxf(lo, d.lo);
     acc[j] = 0.f;
     mine[j] = 0.0;
   }
+  const auto div_of = [&](int j) { return Divisor{s[j], rcp[j], lo}; };
   if (active) {
-    int rows = 0;
-    const int64_t first = static_cast<int64_t>(blockIdx.y) * by + ty;
-    walk_tile_rows(outer, W, col, first, static_cast<int64_t>(gridDim.y) * by, [&](int64_t e) {
-      const Pack<T, VEC> gv = load_vec<T, VEC, kPacked>(dy + e, VEC);
-      const Pack<T, VEC> xv = load_vec<T, VEC, kPacked>(x + e, VEC);
-      Pack<T, VEC> ov;
+    const auto add = [&](int i, float t) { acc[i % VEC] = __fadd_rn(acc[i % VEC], t); };
+    walk_tile_rows<kTiledRowsInFlight, kTilesGroupsPerFlush>(
+        w, col, static_cast<int64_t>(blockIdx.y) * by + ty,
+        [&](int64_t e0, int64_t de) {
+          int64_t e[kTiledRowsInFlight];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        acc[j] = __fadd_rn(acc[j], grad_one(gv.v[j], xv.v[j], &ov.v[j], s[j], qmin, qmax));
-      }
-      store_vec<T, VEC, kPacked>(dx + e, ov, VEC);
-      if (++rows == kFlushTerms) {
+          for (int k = 0; k < kTiledRowsInFlight; ++k) e[k] = e0 + k * de;
+          grad_vectors<T, VEC, kTiledRowsInFlight, kPacked>(dy, x, dx, e, VEC, div_of, qmin, qmax,
+                                                            add);
+        },
+        [&](int64_t e0) {
+          const int64_t e[1] = {e0};
+          grad_vectors<T, VEC, 1, kPacked>(dy, x, dx, e, VEC, div_of, qmin, qmax, add);
+        },
+        [&] {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          mine[j] += acc[j];
-          acc[j] = 0.f;
-        }
-        rows = 0;
-      }
-    });
+          for (int j = 0; j < VEC; ++j) {
+            mine[j] = mine[j] + acc[j];
+            acc[j] = 0.f;
+          }
+        });
   }
   double total[VEC];
 #pragma unroll
@@ -139,33 +286,63 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
+  if (r.count == 1) {  // one row block and inner == 1: the column's sum is its channel's total
+    if (ty == 0 && active) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) write_dstep(dstep, step, col + j, 0.0 + total[j], grad_scale, min_step);
+    }
+    return;
+  }
+  const unsigned tile = fresh_block_x();
+  const unsigned row_block = fresh_block_y();
   if (ty == 0 && active) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) partials[tiles_slot(blockIdx.y, W, col + j)] = total[j];
+    for (int j = 0; j < VEC; ++j) partials[tiles_slot(row_block, W, col + j)] = total[j];
+  }
+  if (slot >= 0) {
+    // Domain: this tile; its channels are its columns (inner == 1).
+    const int64_t first = tile_column(tile, bx, 0, VEC);
+    const int64_t width = W - first < row_len ? W - first : row_len;
+    arrive(r, g_counters + int64_t{slot} * kMaxCounters, tile, row_block,
+           static_cast<int>(width), [first](int k) { return first + k; }, ty == 0 && active,
+           partials, step, dstep, grad_scale, min_step);
   }
 }
 
-// One warp per channel: dstep[c] = grad_scale * its partials' sum, in double, in a fixed order,
-// times d effective_step / d step[c] (-1, 0 or 1: exact).
+// The separate finalize, when the main kernel could not: block b takes channels b, b + gridDim.x,
+// ...; for each round of 32 groups, warp w computes L_g of the groups 32h + w, 32h + w + 8, ...
+// (lane l the term m = 32g + l), then warp 0 adds T(L_32h .. L_32h+31) to the total.
 __global__ void __launch_bounds__(kThreads)
     finalize_kernel(const double* __restrict__ partials, const float* __restrict__ step,
-                    float* __restrict__ dstep, FinalizeArgs a, double grad_scale,
-                    float min_step) {
+                    float* __restrict__ dstep, ReduceArgs r, double grad_scale, float min_step) {
   constexpr int kWarps = kThreads / 32;
+  constexpr int kPerWarp = kGroup / kWarps;
+  __shared__ double level[kGroup];
   const int lane = threadIdx.x & 31;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  double sum = 0.0;
-  walk_finalize(
-      a, warp, static_cast<int64_t>(gridDim.x) * kWarps, lane,
-      [&](int64_t slot) { sum += partials[slot]; },
-      [&](int64_t c) {
-        const double total = warp_sum(sum);
-        if (lane == 0) {
-          dstep[c] = static_cast<float>(total * grad_scale) *
-                     dqa::effective_step_grad(__ldg(step + c), min_step);
-        }
-        sum = 0.0;
-      });
+  const int warp = threadIdx.x >> 5;
+  for (int64_t c = blockIdx.x; c < r.C; c += gridDim.x) {
+    double total = 0.0;
+    for (int64_t h = 0; h * kGroup < r.groups; ++h) {
+      double v[kPerWarp];
+#pragma unroll
+      for (int u = 0; u < kPerWarp; ++u) {
+        const int64_t slot = finalize_slot(r, c, finalize_group(h, warp, u, kWarps), lane);
+        v[u] = slot >= 0 ? __ldg(partials + slot) : 0.0;
+      }
+#pragma unroll
+      for (int u = 0; u < kPerWarp; ++u) {
+        const double l = warp_sum(v[u]);
+        if (lane == 0) level[warp + u * kWarps] = l;
+      }
+      __syncthreads();
+      if (warp == 0) {
+        const double t = warp_sum(level[lane]);
+        if (lane == 0) total += t;
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) write_dstep(dstep, step, c, total, grad_scale, min_step);
+  }
 }
 
 template <typename F>
@@ -173,11 +350,58 @@ cudaError_t with_packed(bool packed, F&& f) {
   return packed ? f(std::true_type{}) : f(std::false_type{});
 }
 
+// A capture's slot, given back when its graph is destroyed (a CUDA user object's destructor:
+// it runs once the graph, every executable made from it, and their launched work are gone).
+struct SlotRelease {
+  int device;
+  int slot;
+};
+void CUDART_CB release_captured_slot(void* data) {
+  const SlotRelease* r = static_cast<const SlotRelease*>(data);
+  release_slot(r->device, r->slot);
+  delete r;
+}
+
+// The counter slot of launches on this stream (and capture): see dqa_counters.h; -1 for none.
+int slot_for(cudaStream_t stream) {
+  int device = -1;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  unsigned long long capture = 0;
+  cudaGraph_t graph = nullptr;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaStreamGetCaptureInfo(stream, &status, &capture, &graph) != cudaSuccess) {
+    (void)cudaGetLastError();  // ours: the launch must not report it
+    return -1;
+  }
+  if (status == cudaStreamCaptureStatusInvalidated) return -1;
+  const bool capturing = status == cudaStreamCaptureStatusActive;
+  const SlotGrant g = counter_slot(device, reinterpret_cast<uintptr_t>(stream), capturing ? capture : 0ull);
+  if (g.slot < 0 || !g.fresh || !capturing) return g.slot;
+  // Tie the slot to the graph being captured; without that, give it back and fuse nothing.
+  SlotRelease* r = new SlotRelease{device, g.slot};
+  cudaUserObject_t object = nullptr;
+  if (graph == nullptr ||
+      cudaUserObjectCreate(&object, r, release_captured_slot, 1, cudaUserObjectNoDestructorSync) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();
+    delete r;
+    release_slot(device, g.slot);
+    return -1;
+  }
+  if (cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove) != cudaSuccess) {
+    (void)cudaGetLastError();
+    cudaUserObjectRelease(object, 1);  // runs the destructor: the slot is given back
+    return -1;
+  }
+  return g.slot;
+}
+
 }  // namespace
 
 size_t fake_quantize_backward_workspace_bytes(Shape shape, DType dtype, bool need_step_grad) {
   if (!need_step_grad || numel_of(shape) == 0) return 0;
-  return static_cast<size_t>(plan_backward(shape, dtype, 0, 0, 0).partial_count) * sizeof(double);
+  return static_cast<size_t>(plan_backward(shape, dtype, 0, 0, 0).workspace_doubles) *
+         sizeof(double);
 }
 
 cudaError_t launch_fake_quantize_backward(const void* grad_y, const void* x, const float* step,
@@ -197,10 +421,15 @@ cudaError_t launch_fake_quantize_backward(const void* grad_y, const void* x, con
   const BackwardPlan plan =
       plan_backward(shape, dtype, reinterpret_cast<uintptr_t>(grad_y),
                     reinterpret_cast<uintptr_t>(x), reinterpret_cast<uintptr_t>(grad_x));
-  if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % alignof(double) != 0 ||
-      workspace_bytes < static_cast<size_t>(plan.partial_count) * sizeof(double)) {
+  if (plan.workspace_doubles > 0 &&
+      (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % alignof(double) != 0 ||
+       workspace_bytes < static_cast<size_t>(plan.workspace_doubles) * sizeof(double))) {
     return cudaErrorInvalidValue;
   }
+  // Fused when the plan allows it and a counter slot is free; no counter needed: count == 1.
+  const bool needs_counters = plan.counters > 0;
+  const int slot = plan.fusable && needs_counters ? slot_for(stream) : -1;
+  const bool fused = plan.fusable && (!needs_counters || slot >= 0);
   double* partials = static_cast<double*>(workspace);
   const dim3 grid(plan.grid.x, plan.grid.y, 1);
   const cudaError_t err = with_dtype(dtype, [&](auto tag) {
@@ -214,20 +443,25 @@ cudaError_t launch_fake_quantize_backward(const void* grad_y, const void* x, con
         const T* xt = static_cast<const T*>(x);
         T* dx = static_cast<T*>(grad_x);
         if (plan.tiled) {
-          grad_tiles_kernel<T, VEC, kPacked><<<grid, plan.block, 0, stream>>>(
-              dy, xt, step, dx, partials, shape.outer, shape.channels * shape.inner,
-              make_divider(shape.inner), plan.bx_log2, qmin, qmax, min_step);
+          if constexpr (VEC <= kTiledBackwardMaxVec) {
+            grad_tiles_kernel<T, VEC, kPacked><<<grid, plan.block, 0, stream>>>(
+                dy, xt, step, dx, partials, grad_step, plan.tiles, make_divider(shape.inner),
+                plan.bx_log2, plan.reduce, slot, qmin, qmax, min_step, grad_scale);
+          } else {
+            return cudaErrorInvalidValue;  // plan_backward caps the tiled width: cannot happen
+          }
         } else {
           grad_rows_kernel<T, VEC, kPacked><<<grid, plan.block, 0, stream>>>(
-              dy, xt, step, dx, partials, plan.rows, qmin, qmax, min_step);
+              dy, xt, step, dx, partials, grad_step, plan.rows, plan.reduce, slot, qmin, qmax,
+              min_step, grad_scale);
         }
         return cudaGetLastError();
       });
     });
   });
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || fused) return err;
   finalize_kernel<<<plan.finalize_grid.x, kThreads, 0, stream>>>(
-      partials, step, grad_step, plan.finalize, grad_scale, min_step);
+      partials, step, grad_step, plan.reduce, grad_scale, min_step);
   return cudaGetLastError();
 }
 

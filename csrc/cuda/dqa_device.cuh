@@ -1,6 +1,6 @@
 // Device helpers shared by dqa_ext's kernel units: storage <-> float, vector loads and stores
-// (packed or element by element, same elements in the same order), warp and block sums, and
-// the elementwise launcher the backward reuses when no step gradient is wanted.
+// (packed or element by element, same elements in the same order), the step in use, warp and
+// block sums, and the elementwise launcher the backward reuses when no step gradient is wanted.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "../dqa_math.h"
+#include "dqa_divide.h"
 #include "dqa_plan.h"
 
 namespace dqa_cuda {
@@ -64,6 +65,36 @@ __device__ __forceinline__ void store_vec(T* p, const Pack<T, N>& v, int64_t n) 
 __device__ __forceinline__ float load_step(const float* __restrict__ step, int64_t c,
                                            float min_step) {
   return dqa::checked_step(dqa::effective_step(__ldg(step + c), min_step));
+}
+
+// v[i] = x[i] / div_of(i).s for i < N, bitwise the IEEE quotient of dqa::scaled: the fast
+// sequence of dqa_divide.h when every x[i] is in its range, else the IEEE division for all N
+// (zeros, infinities, NaN, subnormals, huge ratios, a bad step: rare, and out of the hot path).
+template <int N, typename DivOf>
+__device__ __forceinline__ void quotients(const float (&x)[N], float (&v)[N], DivOf div_of) {
+  bool ok = true;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    v[i] = fast_quotient(x[i], div_of(i));
+    ok = ok & fast(x[i], div_of(i));
+  }
+  if (__builtin_expect(!ok, 0)) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = dqa::scaled(x[i], div_of(i).s);
+  }
+}
+
+// blockIdx.x and .y read where they are used: ptxas would otherwise keep the value read at the
+// kernel's start alive across the main loop (and spill it there).
+__device__ __forceinline__ unsigned fresh_block_x() {
+  unsigned v;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(v));
+  return v;
+}
+__device__ __forceinline__ unsigned fresh_block_y() {
+  unsigned v;
+  asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(v));
+  return v;
 }
 
 template <typename V>

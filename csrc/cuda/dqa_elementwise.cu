@@ -1,9 +1,13 @@
-// The elementwise kernel of dqa_ext: forward, and grad_x alone when no step gradient is
-// wanted. A grid-stride pass over VEC-wide vectors of the flat tensor (one resident wave of
-// 256-thread blocks); VEC is the widest vector (<= 16 bytes) the pointers are aligned to, a
-// vector may cross rows, and the last one may be partial. The channel of each element is
-// tracked incrementally (dqa_walk.h), so the loop holds no division. Per-element math from
-// dqa_math.h (V = float), shared with the CPU kernels, so y and grad_x are bitwise equal to them.
+// The elementwise kernels of dqa_ext: the forward, and grad_x alone when no step gradient is
+// wanted, on the two paths of dqa_plan.h:
+//   rows_kernel   long rows and per-tensor: block (p, cy) takes channels cy, cy + gridDim.y, ...,
+//                 loads the channel's step once and strides over its rows in VEC-wide vectors
+//                 that never cross a row (VEC divides inner; C == 1: the last may be partial);
+//   tiles_kernel  short rows (channels_last, (N, C), small H*W): a thread owns VEC columns of the
+//                 [outer, C * inner] matrix, loads their steps once and walks down the rows.
+// Each thread keeps two vectors in flight. No index arithmetic per element: the loop advances
+// one cursor per vector (dqa_walk.h). Per-element math from dqa_math.h (V = float), shared with
+// the CPU kernels, so y and grad_x are bitwise equal to them.
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -11,6 +15,7 @@
 
 #include "../dqa_math.h"
 #include "dqa_device.cuh"
+#include "dqa_divide.h"
 #include "dqa_kernels.cuh"
 #include "dqa_plan.h"
 #include "dqa_walk.h"
@@ -20,34 +25,105 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
-// kGrad false: out = y from x. kGrad true: out = grad_x from x and dy.
-template <typename T, int VEC, bool kGrad>
-__global__ void __launch_bounds__(kThreads)
-    elementwise_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                       const float* __restrict__ step, T* __restrict__ out, FlatWalk w,
-                       float qmin, float qmax, float min_step) {
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  walk_flat<VEC>(w, tid, nthreads, [&](int64_t e, int64_t n, Cursor p) {
-    const Pack<T, VEC> xv = load_vec<T, VEC, true>(x + e, n);
-    Pack<T, VEC> gv;
-    if constexpr (kGrad) gv = load_vec<T, VEC, true>(dy + e, n);
+// NV vectors (two in flight, or one) at e[0 .. NV): whole, or n < VEC elements when NV is 1.
+// Element j of each has divisor div_of(j) (its step). kGrad false: out = y of x; kGrad true:
+// out = grad_x of x and dy. The quotients are the IEEE ones (dqa_device.cuh's quotients).
+template <typename T, int VEC, int NV, bool kGrad, typename DivOf>
+__device__ __forceinline__ void elementwise_vectors(const T* __restrict__ x,
+                                                    const T* __restrict__ dy, T* __restrict__ out,
+                                                    const int64_t (&e)[NV], int64_t n,
+                                                    DivOf div_of, float qmin, float qmax) {
+  Pack<T, VEC> xv[NV];
+  Pack<T, VEC> gv[NV];
+#pragma unroll
+  for (int k = 0; k < NV; ++k) xv[k] = load_vec<T, VEC, true>(x + e[k], n);
+  if constexpr (kGrad) {
+#pragma unroll
+    for (int k = 0; k < NV; ++k) gv[k] = load_vec<T, VEC, true>(dy + e[k], n);
+  }
+  // One vector at a time once every load is in flight, stored as soon as it is computed:
+  // fewer registers live.
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
     Pack<T, VEC> ov;
-    float s = load_step(step, p.c, min_step);
+    float xf[VEC];
+    float v[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) xf[j] = to_float(xv[k].v[j]);
+    quotients(xf, v, div_of);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      if (j > 0 && next_element(p, w.inner, w.C)) s = load_step(step, p.c, min_step);
-      const float v = dqa::scaled(to_float(xv.v[j]), s);
+      const float s = div_of(j).s;
       float r;
       if constexpr (kGrad) {
-        r = dqa::grad_input(v, to_float(gv.v[j]), s, qmin, qmax);
+        r = dqa::grad_input(v[j], to_float(gv[k].v[j]), s, qmin, qmax);
       } else {
-        r = dqa::quantize(v, s, qmin, qmax);
+        r = dqa::quantize(v[j], s, qmin, qmax);
       }
       ov.v[j] = from_float<T>(r);
     }
-    store_vec<T, VEC, true>(out + e, ov, n);
-  });
+    store_vec<T, VEC, true>(out + e[k], ov, n);
+  }
+}
+
+template <typename T, int VEC, bool kGrad>
+__global__ void __launch_bounds__(kThreads)
+    rows_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ step,
+                T* __restrict__ out, RowsWalk w, float qmin, float qmax, float min_step) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t c = blockIdx.y; c < w.C; c += gridDim.y) {
+    const Divisor d = make_divisor(load_step(step, c, min_step));
+    const auto div_of = [d](int) { return d; };
+    walk_channel_rows<VEC, kNoChunks>(
+        w, tid, c,
+        [&](int64_t e0, int64_t e1) {
+          const int64_t e[2] = {e0, e1};
+          elementwise_vectors<T, VEC, 2, kGrad>(x, dy, out, e, VEC, div_of, qmin, qmax);
+        },
+        [&](int64_t e0, int64_t n) {
+          const int64_t e[1] = {e0};
+          elementwise_vectors<T, VEC, 1, kGrad>(x, dy, out, e, n, div_of, qmin, qmax);
+        },
+        [] {});
+  }
+}
+
+// Thread (tx, ty) of a bx x by block (bx * by = kThreads, powers of two) owns columns
+// col .. col + VEC - 1 of tile blockIdx.x (VEC divides W) and rows blockIdx.y * by + ty,
+// + gridDim.y * by, ...
+template <typename T, int VEC, bool kGrad>
+__global__ void __launch_bounds__(kThreads)
+    tiles_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ step,
+                 T* __restrict__ out, TilesWalk w, Divider by_inner, int bx_log2, float qmin,
+                 float qmax, float min_step) {
+  const int bx = 1 << bx_log2;
+  const int tx = threadIdx.x & (bx - 1);
+  const int ty = threadIdx.x >> bx_log2;
+  const int64_t col = tile_column(blockIdx.x, bx, tx, VEC);
+  if (col >= w.W) return;
+  float s[VEC];
+  float rcp[VEC];
+  float lo = 0.f;  // one range for the thread: the fast division only if every step allows it
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const Divisor d = make_divisor(load_step(step, by_inner.div(col + j), min_step));
+    s[j] = d.s;
+    rcp[j] = d.r;
+    lo = fmaxf(lo, d.lo);
+  }
+  const auto div_of = [&](int j) { return Divisor{s[j], rcp[j], lo}; };
+  const int by = kThreads >> bx_log2;
+  walk_tile_rows<2, kNoChunks>(
+      w, col, static_cast<int64_t>(blockIdx.y) * by + ty,
+      [&](int64_t e0, int64_t de) {
+        const int64_t e[2] = {e0, e0 + de};
+        elementwise_vectors<T, VEC, 2, kGrad>(x, dy, out, e, VEC, div_of, qmin, qmax);
+      },
+      [&](int64_t e0) {
+        const int64_t e[1] = {e0};
+        elementwise_vectors<T, VEC, 1, kGrad>(x, dy, out, e, VEC, div_of, qmin, qmax);
+      },
+      [] {});
 }
 
 // Blocks of Kernel (at kThreads threads) resident on one multiprocessor of the current device,
@@ -78,27 +154,32 @@ cudaError_t launch_elementwise(const void* x, const void* dy, const float* step,
                                Shape shape, DType dtype, float qmin, float qmax, float min_step,
                                int sm_count, cudaStream_t stream) {
   if (numel_of(shape) == 0) return cudaSuccess;
-  const int vec = aligned_vec(dtype, reinterpret_cast<uintptr_t>(x),
-                              reinterpret_cast<uintptr_t>(dy), reinterpret_cast<uintptr_t>(out));
+  const uintptr_t px = reinterpret_cast<uintptr_t>(x), pd = reinterpret_cast<uintptr_t>(dy),
+                  po = reinterpret_cast<uintptr_t>(out);
+  const ForwardPath path = forward_path(shape, dtype, px, pd, po);
   return with_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    return with_vec<T>(vec, [&](auto vec_c) {
+    return with_vec<T>(path.vec, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
-      constexpr auto kernel = elementwise_kernel<T, VEC, kGrad>;
-      const ElementwisePlan plan =
-          plan_elementwise(shape, dtype, reinterpret_cast<uintptr_t>(x),
-                           reinterpret_cast<uintptr_t>(dy), reinterpret_cast<uintptr_t>(out),
-                           sm_count, resident_blocks<kernel>());
-      if (plan.vec != VEC) return cudaErrorInvalidValue;  // one rule picks both: cannot happen
-      const FlatWalk w{numel_of(shape),
-                       shape.channels,
-                       shape.inner,
-                       make_divider(shape.inner),
-                       make_divider(shape.channels),
-                       plan.stride};
-      kernel<<<plan.blocks, kThreads, 0, stream>>>(static_cast<const T*>(x),
-                                                   static_cast<const T*>(dy), step,
-                                                   static_cast<T*>(out), w, qmin, qmax, min_step);
+      const T* xt = static_cast<const T*>(x);
+      const T* dyt = static_cast<const T*>(dy);
+      T* ot = static_cast<T*>(out);
+      if (path.tiled) {
+        constexpr auto kernel = tiles_kernel<T, VEC, kGrad>;
+        const ForwardPlan plan = plan_forward(shape, dtype, px, pd, po,
+                                              int64_t{sm_count} * resident_blocks<kernel>());
+        if (plan.vec != VEC || !plan.tiled) return cudaErrorInvalidValue;  // one rule: cannot happen
+        kernel<<<dim3(plan.grid.x, plan.grid.y), plan.block, 0, stream>>>(
+            xt, dyt, step, ot, plan.tiles, make_divider(shape.inner), plan.bx_log2, qmin, qmax,
+            min_step);
+      } else {
+        constexpr auto kernel = rows_kernel<T, VEC, kGrad>;
+        const ForwardPlan plan = plan_forward(shape, dtype, px, pd, po,
+                                              int64_t{sm_count} * resident_blocks<kernel>());
+        if (plan.vec != VEC || plan.tiled) return cudaErrorInvalidValue;
+        kernel<<<dim3(plan.grid.x, plan.grid.y), plan.block, 0, stream>>>(
+            xt, dyt, step, ot, plan.rows, qmin, qmax, min_step);
+      }
       return cudaGetLastError();
     });
   });

@@ -398,8 +398,9 @@ def test_pyproject_splits_kernels_toolkit_and_tests():
     assert _names(meta["project"]["dependencies"]) == {"torch", "numpy"}
     extras = meta["project"]["optional-dependencies"]
     assert _names(extras["robust"]) == set(_extras.ROBUST_MODULES.values())
-    # onnx, onnxscript and onnxruntime: the ONNX export tests.
-    assert _names(extras["test"]) == {"pytest", "hypothesis", "pytest-benchmark",
-                                      "onnx", "onnxscript", "onnxruntime"}
+    # onnx, onnxscript and onnxruntime: the ONNX export tests; cuobjdump and nvdisasm: the SASS
+    # budgets of the CUDA kernels, checked without a GPU.
+    assert _names(extras["test"]) == {"pytest", "hypothesis", "pytest-benchmark", "onnx", "onnxscript",
+                                      "onnxruntime", "nvidia-cuda-cuobjdump", "nvidia-cuda-nvdisasm"}
     # torch as a build requirement makes pip's isolated build fetch another torch.
     assert "torch" not in _names(meta["build-system"]["requires"])

@@ -42,11 +42,13 @@ def offset_view(t, offset):
     return view
 
 
-# (shape, channel_dim, memory format): the row path (NCHW, long rows), the tiled path
-# (channels_last, (N, C), small H*W), per-tensor (passed with one step).
+# (shape, channel_dim, memory format): the row path (NCHW; 7x7 at vector width 1 in the
+# backward, tiles in the forward), the tiled path (channels_last, (N, C), rows of less than 32
+# bytes: 2x2 with the separate finalize), per-tensor (passed with one step).
 LAYOUTS = {
     "nchw_rows": ((4, 8, 16, 20), 1, torch.contiguous_format),
     "nchw_small_hw": ((4, 8, 7, 7), 1, torch.contiguous_format),
+    "nchw_tiny_hw": ((4, 8, 2, 2), 1, torch.contiguous_format),
     "channels_last": ((4, 12, 9, 11), 1, torch.channels_last),
     "2d": ((301, 40), 1, torch.contiguous_format),
 }
@@ -184,3 +186,132 @@ def test_backward_over_2_31_elements(case):
     assert bool(((ds.double() - dsr.double()).abs() <= tol).all()), (ds - dsr).abs().max()
     # Between the checked rows dy is zero, so dx is zero there (0 * step: no NaN steps here).
     assert not bool(dx[rows[0] + 1 : rows[1]].any())
+
+
+# ---- the fused step-gradient finalize (arrival counters), the fast division, layouts ----
+
+KEY = (32, 64, 56, 56)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "per_tensor"])
+def test_key_shape_parity(dtype, layout):
+    """[32, 64, 56, 56]: the rows path with one group of partials per channel (NCHW), the tiles
+    with two levels of counters (channels_last), the rows with 49 groups (per-tensor)."""
+    x = data(KEY, dtype)
+    dy = data(KEY, dtype, seed=4)
+    if layout == "channels_last":
+        x, dy = x.contiguous(memory_format=torch.channels_last), dy.contiguous(memory_format=torch.channels_last)
+    check_parity(x, steps(1 if layout == "per_tensor" else 64), 0, 3, 1, grad_scale=0.25, dy=dy)
+
+
+def _backward(x, dy, step):
+    return ops.fake_quantize_backward(dy, x, step, 0, 3, 1, 0.5, True)
+
+
+def test_fused_finalize_matches_its_fallback():
+    """Every capture takes a counter slot of its own; after 64 the slots are gone and captured
+    launches run the separate finalize, which sums in the same order: every replay's dstep has
+    the bits of the eager (fused) one."""
+    cases = [
+        (data((8, 16, 40, 40), torch.float32), steps(16)),              # rows, one group
+        (data((1, 1, 300000), torch.float32), steps(1)),                # rows, 3 groups
+        # tiles: 36 row blocks, two levels of counters
+        (data((8, 64, 24, 24), torch.bfloat16).contiguous(memory_format=torch.channels_last), steps(64)),
+    ]
+    want = []
+    for x, step in cases:
+        dy = torch.randn_like(x)
+        want.append((x, dy, step, *_backward(x, dy, step)))
+    torch.cuda.synchronize()
+    graphs = []
+    for _ in range(70):  # more captures than the 64 slots
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [_backward(x, dy, step) for x, dy, step, _, _ in want]
+        graphs.append((graph, outs))
+    for graph, _ in graphs:
+        graph.replay()
+    torch.cuda.synchronize()
+    for _, outs in graphs:
+        for (_, _, _, dx, ds), (dx2, ds2) in zip(want, outs):
+            bitwise_equal(dx2, dx)
+            bitwise_equal(ds2, ds)
+
+
+def test_graph_replays_leave_the_counters_at_zero():
+    """A captured backward replayed with new inputs each time equals the eager one: the block
+    that arrives last resets every counter, so the next replay starts from zero."""
+    x = data((1, 1, 300000), torch.float16)
+    xs = data((16, 32, 24, 24), torch.float32).contiguous(memory_format=torch.channels_last)  # 36 row blocks
+    dy, dys = torch.randn_like(x), torch.randn_like(xs)
+    step, steps_cl = steps(1), steps(32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _backward(x, dy, step)
+        _backward(xs, dys, steps_cl)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _backward(x, dy, step)
+        out_cl = _backward(xs, dys, steps_cl)
+    for seed in range(6):
+        dy.copy_(data(dy.shape, dy.dtype, seed=10 + seed))
+        dys.copy_(data(dys.shape, dys.dtype, seed=20 + seed).contiguous(memory_format=torch.channels_last))
+        graph.replay()
+        torch.cuda.synchronize()
+        for (dx, ds), (xx, dd, st) in ((out, (x, dy, step)), (out_cl, (xs, dys, steps_cl))):
+            dx2, ds2 = _backward(xx, dd, st)
+            bitwise_equal(dx, dx2)
+            bitwise_equal(ds, ds2)
+
+
+def test_concurrent_streams_do_not_share_counters():
+    """Two backwards at once on two streams (each its own slot) equal the sequential ones."""
+    a, b = data((1, 1, 400000), torch.float32), data((1, 1, 400000), torch.float32, seed=3)
+    da, db = torch.randn_like(a), torch.randn_like(b)
+    step = steps(1)
+    want_a, want_b = _backward(a, da, step), _backward(b, db, step)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    for s in (s1, s2):
+        s.wait_stream(torch.cuda.current_stream())
+    for _ in range(20):
+        with torch.cuda.stream(s1):
+            got_a = _backward(a, da, step)
+        with torch.cuda.stream(s2):
+            got_b = _backward(b, db, step)
+    torch.cuda.synchronize()
+    bitwise_equal(got_a[1], want_a[1])
+    bitwise_equal(got_b[1], want_b[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_division_special_values(dtype):
+    """The fast division's guard sends zeros (both signs), infinities, NaN, subnormals and
+    extreme ratios to the IEEE division: y and dx keep their bits, the sign of zero included."""
+    tiny = torch.finfo(torch.float32).tiny
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), tiny / 4, -tiny / 8,
+                            3e38, -3e38, 1e-30, 2.0**60, 2.0**-60, 2.0**61, 1.5, -2.5, 7.0])
+    x = special.repeat(64).reshape(8, 8, 16).to(DEV, dtype)
+    for step in ([1.0], [2.0**-41], [2.0**41], [1e-6], [tiny / 2], [3e38]):
+        s = torch.tensor(step, device=DEV)
+        check_parity(x, s, -4, 3, 1, grad_scale=0.5)
+        check_parity(x, s, -4, 3, 1, need_step_grad=False)
+    # Per channel: steps outside the fast range (2**-45, 1e20) take the IEEE division for their
+    # channel; bad ones (NaN, negative) give NaN for theirs only.
+    per_channel = [0.5, 1.0, 2.0**-45, float("nan"), 1e-3, -2.0, 1e20, 0.25]
+    check_parity(x, torch.tensor(per_channel, device=DEV), 0, 3, 1)
+
+
+def test_dy_with_other_strides_on_size_one_dims():
+    """[N, C, 1, 1]: dy whose H and W strides differ from x's is used as it is (no copy), and
+    the results are those of a contiguous dy."""
+    x = data((16, 32, 1, 1), torch.float16)
+    dy = torch.empty_strided((16, 32, 1, 1), (32, 1, 32, 32), device=DEV, dtype=torch.float16)
+    dy.copy_(data((16, 32, 1, 1), torch.float16, seed=6))
+    dx, ds = _backward(x, dy, steps(32))
+    dx2, ds2 = _backward(x, dy.contiguous(), steps(32))
+    bitwise_equal(dx, dx2)
+    bitwise_equal(ds, ds2)
+    check_parity(x, steps(32), 0, 3, 1, dy=dy)

@@ -1,7 +1,9 @@
-"""The CUDA kernels' host planner and index walks, compiled with the host C++ compiler and run on
-the CPU (no GPU, no CUDA toolkit): the planner's unit tests (csrc/cuda/tests/plan_test.cpp) and
-the thread-by-thread emulation of every kernel's accesses (csrc/cuda/tests/emulate_test.cpp).
-scripts/check_cuda_kernels.sh runs the same programs with more emulation cases."""
+"""The CUDA kernels' host planner, counter slots, index walks and fast division, compiled with the
+host C++ compiler and run on the CPU (no GPU, no CUDA toolkit): the planner's unit tests
+(csrc/cuda/tests/plan_test.cpp), the thread-by-thread emulation of every kernel's accesses and of
+the step-gradient reduction (emulate_test.cpp), and the proof that the kernels' division is the
+IEEE one (divide_test.cpp). scripts/check_cuda_kernels.sh runs the same programs with more
+emulation cases, then the SASS report."""
 
 import shutil
 import subprocess
@@ -14,12 +16,16 @@ CXX = shutil.which("g++") or shutil.which("c++")
 
 
 @pytest.fixture(scope="module")
-def planner_object(tmp_path_factory):
+def host_objects(tmp_path_factory):
     if CXX is None:
         pytest.skip("no host C++ compiler")
-    out = tmp_path_factory.mktemp("planner") / "dqa_plan.o"
-    _compile(["-c", "csrc/cuda/dqa_plan.cpp", "-o", str(out)])
-    return out
+    out = tmp_path_factory.mktemp("planner")
+    objects = []
+    for unit in ("dqa_plan", "dqa_counters"):
+        obj = out / f"{unit}.o"
+        _compile(["-c", f"csrc/cuda/{unit}.cpp", "-o", str(obj)])
+        objects.append(str(obj))
+    return objects
 
 
 def _compile(args):
@@ -28,10 +34,19 @@ def _compile(args):
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
 
 
-@pytest.mark.parametrize("program,args", [("plan_test", []), ("emulate_test", ["400"])])
-def test_host_program(planner_object, tmp_path, program, args):
+# program, extra compiler flags, objects it links, arguments
+PROGRAMS = {
+    "plan_test": (["-pthread"], 2, []),
+    "emulate_test": ([], 1, ["400"]),
+    "divide_test": (["-ffp-contract=off"], 0, ["4"]),
+}
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_host_program(host_objects, tmp_path, program):
+    flags, nobjects, args = PROGRAMS[program]
     exe = tmp_path / program
-    _compile([f"csrc/cuda/tests/{program}.cpp", str(planner_object), "-o", str(exe)])
+    _compile([f"csrc/cuda/tests/{program}.cpp", *host_objects[:nobjects], *flags, "-o", str(exe)])
     r = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " 0 failed" in r.stdout, r.stdout[-2000:]

@@ -1,14 +1,23 @@
 // Runs the CUDA kernels' index arithmetic (dqa_walk.h, the same functions the kernels call) and
 // the planner on the host, thread by thread, over many shapes, dtypes, pointer alignments and
-// SM counts, and checks: every element is written once, with its own channel; every vector
-// access is in bounds and, when packed, aligned; every partial-sum slot is written once, by its
-// channel, and read once, by that channel's finalize; every channel's dstep is written once.
-// Tensors over 2**31 elements: sampled threads, each index checked against 64-bit division.
+// SM counts, and checks:
+//  - forward and grad_x alone, both paths (rows, tiles): every element written once, by a vector
+//    in bounds, aligned, inside one row (rows path, C > 1), with its own channel's step;
+//  - the backward, both paths: the same, plus every float32 sum flushed before 1024 terms, every
+//    partial-sum slot written once by its channel;
+//  - the step-gradient reduction: the separate finalize reads every slot once, for its channel;
+//    the fused one, for random orders of block arrival, reads only slots already written (by
+//    blocks that arrived), writes each level-one sum once, leaves every counter at zero, writes
+//    each dstep once, and sums in exactly the separate finalize's order (an order-sensitive hash
+//    of the two trees must match);
+//  - tensors over 2**31 elements: sampled threads, each index checked against 64-bit division.
 // Built and run by scripts/check_cuda_kernels.sh and tests/test_cuda_planner.py.
 // Usage: emulate_test [random cases, default 3000]
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -22,6 +31,7 @@ namespace {
 
 int failures = 0;
 int64_t cases = 0;
+std::mt19937_64 order_rng(5);
 
 struct Case {
   Shape shape;
@@ -59,68 +69,146 @@ bool aligned(int64_t off, int64_t e, int vec, DType d) {
 
 int64_t channel_of(const Shape& s, int64_t e) { return (e / s.inner) % s.channels; }
 
+// ---- an order-sensitive hash of the reduction's trees ----
+
+// A sum a + b; 0 stands for an absent term (+0.0 on the device), the identity of the addition.
+uint64_t mix(uint64_t a, uint64_t b) {
+  if (b == 0) return a;
+  if (a == 0) return b;
+  uint64_t h = a * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull;
+  h ^= (b + 0x94d049bb133111ebull) * 0xbf58476d1ce4e5b9ull;
+  return h ^ (h >> 29);
+}
+// warp_sum's tree over 32 lanes (absent terms 0): for off = 16 .. 1, v[l] = v[l] + v[l + off].
+uint64_t tree32(std::vector<uint64_t> v) {
+  v.resize(kGroup, 0);
+  for (int off = kGroup / 2; off > 0; off >>= 1) {
+    for (int l = 0; l < off; ++l) v[l] = mix(v[l], v[l + off]);
+  }
+  return v[0];
+}
+uint64_t leaf(int64_t slot) { return slot < 0 ? 0 : mix(0x5bd1e995u, uint64_t(slot) + 1); }
+
+// ---- forward ----
+
 template <int VEC>
-void elementwise(const Case& k, Checker& check, bool grad) {
+void forward(const Case& k, Checker& check, bool grad) {
   const Shape& s = k.shape;
   const int64_t numel = numel_of(s);
   const int64_t off_dy = grad ? k.off_dy : 0;
-  const ElementwisePlan p = plan_elementwise(s, k.dtype, addr(k.off_x, k.dtype),
-                                             grad ? addr(off_dy, k.dtype) : 0,
-                                             addr(k.off_out, k.dtype), k.sm_count, k.blocks_per_sm);
-  check(p.vec == VEC, "elementwise vec", p.vec, VEC);
-  const FlatWalk w{numel, s.channels, s.inner, make_divider(s.inner), make_divider(s.channels),
-                   p.stride};
+  const uintptr_t px = addr(k.off_x, k.dtype), pd = grad ? addr(off_dy, k.dtype) : 0,
+                  po = addr(k.off_out, k.dtype);
+  const ForwardPath path = forward_path(s, k.dtype, px, pd, po);
+  const ForwardPlan p = plan_forward(s, k.dtype, px, pd, po, int64_t{k.sm_count} * k.blocks_per_sm);
+  check(p.vec == VEC && path.vec == VEC && p.tiled == path.tiled, "forward path", p.vec, VEC);
+  check(p.grid.x >= 1 && p.grid.y >= 1 && p.grid.y <= unsigned(kMaxGridY), "forward grid", p.grid.x, p.grid.y);
   std::vector<uint8_t> written(numel, 0);
-  const int64_t nthreads = int64_t{p.blocks} * kThreads;
-  for (int64_t tid = 0; tid < nthreads && check.ok; ++tid) {
-    walk_flat<VEC>(w, tid, nthreads, [&](int64_t e, int64_t n, Cursor c) {
-      check(e >= 0 && n > 0 && e + (n < VEC ? n : VEC) <= numel, "elementwise vector out of bounds", e, n);
-      if (n >= VEC) {  // one packed access per pointer
-        check(aligned(k.off_x, e, VEC, k.dtype) && aligned(k.off_out, e, VEC, k.dtype) &&
-                  (!grad || aligned(off_dy, e, VEC, k.dtype)),
-              "elementwise packed access misaligned", e, VEC);
+  // A whole or partial vector at e of len elements whose steps are step_channel(j).
+  auto visit = [&](int64_t e, int64_t len, auto step_channel) {
+    if (!check.ok) return;
+    check(e >= 0 && len > 0 && e + len <= numel, "forward vector out of bounds", e, len);
+    if (!check.ok) return;
+    if (len == VEC) {  // one packed access per pointer
+      check(aligned(k.off_x, e, VEC, k.dtype) && aligned(k.off_out, e, VEC, k.dtype) &&
+                (!grad || aligned(off_dy, e, VEC, k.dtype)),
+            "forward packed access misaligned", e, VEC);
+    }
+    for (int64_t j = 0; j < len && check.ok; ++j) {
+      check(step_channel(j) == channel_of(s, e + j), "forward element with another channel's step", e + j);
+      check(written[e + j]++ == 0, "forward element written twice", e + j);
+    }
+  };
+  if (!p.tiled) {
+    check(s.channels == 1 || s.inner % VEC == 0, "rows vector may cross a row", s.inner, VEC);
+    for (unsigned y = 0; y < p.grid.y && check.ok; ++y) {
+      for (int64_t t = 0; t < int64_t{p.grid.x} * p.block && check.ok; ++t) {
+        for (int64_t c = y; c < s.channels && check.ok; c += p.grid.y) {
+          const auto chan = [c](int64_t) { return c; };
+          walk_channel_rows<VEC, kNoChunks>(
+              p.rows, t, c,
+              [&](int64_t e0, int64_t e1) {
+                visit(e0, VEC, chan);
+                visit(e1, VEC, chan);
+              },
+              [&](int64_t e, int64_t n) {
+                check(n >= VEC || (s.channels == 1 && e + n == numel), "rows partial vector", e, n);
+                visit(e, n < VEC ? n : VEC, chan);
+              },
+              [&] { check(false, "a forward walk flushed"); });
+        }
       }
-      for (int j = 0; j < VEC; ++j) {
-        if (j > 0) next_element(c, s.inner, s.channels);
-        if (j >= n || !check.ok) continue;
-        check(c.c == channel_of(s, e + j) && c.i == (e + j) % s.inner, "elementwise channel", e + j, c.c);
-        check(written[e + j]++ == 0, "elementwise element written twice", e + j);
+    }
+  } else {
+    const int64_t W = s.channels * s.inner;
+    const int bx = 1 << p.bx_log2;
+    const int by = kThreads >> p.bx_log2;
+    const Divider by_inner = make_divider(s.inner);
+    check(W % VEC == 0 && p.tiles.W == W && p.tiles.row_step == int64_t{p.grid.y} * by,
+          "tiles walk", W, VEC);
+    for (unsigned y = 0; y < p.grid.y && check.ok; ++y) {
+      for (unsigned x = 0; x < p.grid.x && check.ok; ++x) {
+        for (int t = 0; t < kThreads && check.ok; ++t) {
+          const int64_t col = tile_column(x, bx, t & (bx - 1), VEC);
+          if (col >= W) continue;
+          // The kernel loads column j's step once, from channel by_inner.div(col + j).
+          const auto chan = [&](int64_t j) { return by_inner.div(col + j); };
+          walk_tile_rows<2, kNoChunks>(
+              p.tiles, col, int64_t{y} * by + (t >> p.bx_log2),
+              [&](int64_t e, int64_t de) {
+                visit(e, VEC, chan);
+                visit(e + de, VEC, chan);
+              },
+              [&](int64_t e) { visit(e, VEC, chan); }, [&] { check(false, "a forward walk flushed"); });
+        }
       }
-    });
+    }
   }
-  for (int64_t e = 0; e < numel && check.ok; ++e) check(written[e] == 1, "elementwise element not written", e);
+  for (int64_t e = 0; e < numel && check.ok; ++e) check(written[e] == 1, "forward element not written", e);
 }
 
-// Partial-sum slots: which channel wrote each, and how often each was written and read.
+// ---- backward ----
+
+// Partial-sum slots: which channel and block (m) wrote each, how often each was written and read.
 struct Slots {
-  std::vector<int64_t> owner;
+  std::vector<int64_t> owner, block;
   std::vector<int> writes, reads;
-  explicit Slots(int64_t n) : owner(n, -1), writes(n, 0), reads(n, 0) {}
+  explicit Slots(int64_t n) : owner(n, -1), block(n, -1), writes(n, 0), reads(n, 0) {}
 };
 
-void write_slot(Slots& sl, Checker& check, int64_t slot, int64_t c) {
-  check(slot >= 0 && slot < int64_t(sl.owner.size()), "partial slot out of the workspace", slot, c);
+void write_slot(Slots& sl, Checker& check, int64_t slot, int64_t c, int64_t m, int64_t limit) {
+  check(slot >= 0 && slot < limit, "partial slot out of the workspace", slot, c);
   if (!check.ok) return;
   check(sl.writes[slot]++ == 0, "partial slot written twice", slot, c);
   sl.owner[slot] = c;
+  sl.block[slot] = m;
 }
+
+// A float32 sum: terms added since the last flush.
+struct Terms {
+  int64_t n = 0;
+  void add(Checker& check, int64_t k) {
+    n += k;
+    check(n <= kFlushTerms, "a float32 sum took more than kFlushTerms terms", n);
+  }
+};
 
 template <int VEC>
 void backward_rows(const Case& k, const BackwardPlan& p, Checker& check, Slots& sl,
-                   std::vector<uint8_t>& written) {
+                   std::vector<uint8_t>& written, std::vector<int>& dstep) {
   const Shape& s = k.shape;
   const int64_t numel = numel_of(s);
+  check(s.channels == 1 || s.inner % VEC == 0, "rows vector may cross a row", s.inner, VEC);
+  check(p.reduce.count == p.grid.x, "rows partials per channel", p.reduce.count, p.grid.x);
   for (unsigned y = 0; y < p.grid.y && check.ok; ++y) {
     for (unsigned x = 0; x < p.grid.x && check.ok; ++x) {
       for (int t = 0; t < p.block && check.ok; ++t) {
         const int64_t tid = int64_t{x} * p.block + t;
         for (int64_t c = y; c < s.channels && check.ok; c += p.grid.y) {
-          walk_channel_rows<VEC>(p.rows, tid, c, [&](int64_t e, int64_t n) {
+          Terms terms;
+          auto visit = [&](int64_t e, int64_t len) {
             if (!check.ok) return;
-            const int64_t len = n < VEC ? n : VEC;
-            check(e >= 0 && n > 0 && e + len <= numel, "rows vector out of bounds", e, n);
-            check(n >= VEC || s.channels == 1, "rows partial vector with C > 1", e, n);
-            if (p.packed && n >= VEC) {
+            check(e >= 0 && len > 0 && e + len <= numel, "rows vector out of bounds", e, len);
+            if (p.packed && len == VEC) {
               check(aligned(k.off_x, e, VEC, k.dtype) && aligned(k.off_dy, e, VEC, k.dtype) &&
                         aligned(k.off_out, e, VEC, k.dtype),
                     "rows packed access misaligned", e, VEC);
@@ -129,8 +217,25 @@ void backward_rows(const Case& k, const BackwardPlan& p, Checker& check, Slots& 
               check(channel_of(s, e + j) == c, "rows element of another channel", e + j, c);
               check(written[e + j]++ == 0, "rows element written twice", e + j);
             }
-          });
-          if (t == 0) write_slot(sl, check, rows_slot(c, x, p.grid.x), c);
+            terms.add(check, len);
+          };
+          walk_channel_rows<VEC, kRowsPairsPerFlush<VEC>>(
+              p.rows, tid, c,
+              [&](int64_t e0, int64_t e1) {
+                visit(e0, VEC);
+                visit(e1, VEC);
+              },
+              [&](int64_t e, int64_t n) {
+                check(n >= VEC || s.channels == 1, "rows partial vector with C > 1", e, n);
+                visit(e, n < VEC ? n : VEC);
+              },
+              [&] { terms.n = 0; });
+          if (t != 0) continue;
+          if (p.reduce.count == 1) {
+            ++dstep[c];
+          } else {
+            write_slot(sl, check, rows_slot(c, x, p.grid.x), c, x, p.reduce.group_base);
+          }
         }
       }
     }
@@ -139,13 +244,16 @@ void backward_rows(const Case& k, const BackwardPlan& p, Checker& check, Slots& 
 
 template <int VEC>
 void backward_tiles(const Case& k, const BackwardPlan& p, Checker& check, Slots& sl,
-                    std::vector<uint8_t>& written) {
+                    std::vector<uint8_t>& written, std::vector<int>& dstep) {
   const Shape& s = k.shape;
   const int64_t W = s.channels * s.inner;
   const int bx = 1 << p.bx_log2;
   const int by = kThreads >> p.bx_log2;
   const Divider by_inner = make_divider(s.inner);
   check(p.block == kThreads && bx * by == kThreads, "tile block shape", bx, by);
+  check(VEC <= kTiledBackwardMaxVec && W % VEC == 0, "tiled backward width", VEC, W);
+  check(p.tiles.W == W && p.tiles.row_step == int64_t{p.grid.y} * by, "tiles walk", W);
+  check(p.reduce.count == int64_t{p.grid.y} * s.inner, "tiled partials per channel", p.reduce.count);
   for (unsigned y = 0; y < p.grid.y && check.ok; ++y) {
     for (unsigned x = 0; x < p.grid.x && check.ok; ++x) {
       std::vector<uint8_t> smem(size_t(kThreads) * VEC, 0);  // the tree's slots in this block
@@ -159,10 +267,8 @@ void backward_tiles(const Case& k, const BackwardPlan& p, Checker& check, Slots&
         const int64_t col = tile_column(x, bx, tx, VEC);
         if (col >= W) continue;
         check(col + VEC <= W, "tile vector past the row", col, W);
-        for (int j = 0; j < VEC; ++j) {
-          check(by_inner.div(col + j) == (col + j) / s.inner, "tile column channel", col + j);
-        }
-        walk_tile_rows(s.outer, W, col, int64_t{y} * by + ty, int64_t{p.grid.y} * by, [&](int64_t e) {
+        Terms terms;  // per column: every row adds one term to each of the VEC sums
+        auto visit = [&](int64_t e) {
           if (!check.ok) return;
           check(e >= 0 && e + VEC <= numel_of(s), "tile vector out of bounds", e);
           if (p.packed) {
@@ -171,16 +277,164 @@ void backward_tiles(const Case& k, const BackwardPlan& p, Checker& check, Slots&
                   "tile packed access misaligned", e, VEC);
           }
           for (int j = 0; j < VEC && check.ok; ++j) {
-            check(channel_of(s, e + j) == (col + j) / s.inner, "tile element of another channel", e + j);
+            check(channel_of(s, e + j) == by_inner.div(col + j), "tile element of another channel", e + j);
             check(written[e + j]++ == 0, "tile element written twice", e + j);
           }
-        });
-        if (ty == 0) {
-          for (int j = 0; j < VEC; ++j) write_slot(sl, check, tiles_slot(y, W, col + j), (col + j) / s.inner);
+          terms.add(check, 1);
+        };
+        walk_tile_rows<kTiledRowsInFlight, kTilesGroupsPerFlush>(
+            p.tiles, col, int64_t{y} * by + ty,
+            [&](int64_t e, int64_t de) {
+              for (int r = 0; r < kTiledRowsInFlight; ++r) visit(e + r * de);
+            },
+            visit, [&] { terms.n = 0; });
+        if (ty != 0) continue;
+        for (int j = 0; j < VEC; ++j) {
+          if (p.reduce.count == 1) {
+            check(s.inner == 1, "tiled direct dstep with inner > 1", s.inner);
+            ++dstep[col + j];
+          } else {
+            write_slot(sl, check, tiles_slot(y, W, col + j), (col + j) / s.inner, y,
+                       p.reduce.group_base);
+          }
         }
       }
     }
   }
+}
+
+// The separate finalize, as finalize_kernel: block b takes channels b, b + grid, ...; per round
+// h of 32 groups, warp w of 8 computes groups 32h + w + 8u. Returns each channel's tree hash.
+std::vector<uint64_t> finalize_separate(const BackwardPlan& p, Checker& check, Slots& sl) {
+  const ReduceArgs& r = p.reduce;
+  constexpr int kWarps = kThreads / 32;
+  std::vector<uint64_t> total(r.C, 0);
+  std::vector<int> done(r.C, 0);
+  for (unsigned b = 0; b < p.finalize_grid.x && check.ok; ++b) {
+    for (int64_t c = b; c < r.C && check.ok; c += p.finalize_grid.x) {
+      uint64_t t = 0;
+      for (int64_t h = 0; h * kGroup < r.groups && check.ok; ++h) {
+        std::vector<uint64_t> level(kGroup, 0);
+        for (int w = 0; w < kWarps; ++w) {
+          for (int u = 0; u < kGroup / kWarps; ++u) {
+            const int64_t g = finalize_group(h, w, u, kWarps);
+            std::vector<uint64_t> lanes(kGroup, 0);
+            for (int lane = 0; lane < kGroup && check.ok; ++lane) {
+              const int64_t slot = finalize_slot(r, c, g, lane);
+              if (slot < 0) continue;
+              check(slot < int64_t(sl.owner.size()) && sl.owner[slot] == c,
+                    "finalize reads another channel's slot", slot, c);
+              if (!check.ok) break;
+              ++sl.reads[slot];
+              lanes[lane] = leaf(slot);
+            }
+            level[g - h * kGroup] = tree32(lanes);
+          }
+        }
+        t = mix(t, tree32(level));
+      }
+      total[c] = t;
+      ++done[c];
+    }
+  }
+  for (int64_t c = 0; c < r.C && check.ok; ++c) check(done[c] == 1, "finalize misses a channel", c);
+  return total;
+}
+
+// The fused finalize for one order of arrival per domain; returns each channel's tree hash.
+std::vector<uint64_t> finalize_fused(const Case& k, const BackwardPlan& p, Checker& check,
+                                     Slots& sl, std::vector<int>& dstep) {
+  const ReduceArgs& r = p.reduce;
+  const Shape& s = k.shape;
+  std::vector<uint64_t> total(r.C, 0);
+  std::vector<unsigned> counters(p.counters, 0);
+  const int64_t groups_end = r.group_base + (r.groups > 1 ? r.C * r.groups : 0);
+  check(groups_end <= p.workspace_doubles, "level-one sums outside the workspace", groups_end);
+  std::vector<int> group_writes(groups_end > r.group_base ? groups_end - r.group_base : 0, 0);
+  std::vector<int> group_reads(group_writes.size(), 0);
+  std::vector<uint64_t> group_hash(group_writes.size(), 0);
+  const int bx = 1 << p.bx_log2;
+  for (int64_t d = 0; d < p.domains && check.ok; ++d) {
+    // The domain's channels: rows, its channel; tiles (inner == 1), the tile's columns.
+    std::vector<int64_t> chans;
+    if (p.tiled) {
+      const int64_t first = tile_column(d, bx, 0, p.vec);
+      for (int64_t col = first; col < first + int64_t{bx} * p.vec && col < s.channels; ++col) chans.push_back(col);
+    } else {
+      chans.push_back(d);
+    }
+    std::vector<int64_t> order(r.count);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), order_rng);
+    std::vector<uint8_t> arrived(r.count, 0);
+    for (int64_t m : order) {
+      if (!check.ok) break;
+      arrived[m] = 1;
+      const int64_t g = m / kGroup;
+      const int64_t gc = group_counter(r, d, g);
+      check(gc >= d * r.counters_per_domain && gc < (d + 1) * r.counters_per_domain && gc < p.counters,
+            "group counter outside its domain's", gc, d);
+      if (!check.ok) break;
+      if (counters[gc]++ != unsigned(group_size(r, g) - 1)) continue;
+      // Last of its group: L_g of each channel.
+      for (int64_t c : chans) {
+        std::vector<uint64_t> lanes(kGroup, 0);
+        for (int lane = 0; lane < kGroup && check.ok; ++lane) {
+          const int64_t slot = level1_slot(r, c, g, lane);
+          if (slot < 0) continue;
+          check(slot == partial_slot(r, c, g * kGroup + lane), "fused slot is not the partial's", slot);
+          check(slot < int64_t(sl.owner.size()) && sl.owner[slot] == c, "level one reads another channel's slot", slot, c);
+          if (!check.ok) break;
+          check(arrived[sl.block[slot]] == 1, "level one reads a block that has not arrived", slot, sl.block[slot]);
+          ++sl.reads[slot];
+          lanes[lane] = leaf(slot);
+        }
+        const uint64_t level = tree32(lanes);
+        if (r.groups == 1) {
+          total[c] = mix(0, tree32({level}));
+          ++dstep[c];
+        } else {
+          const int64_t gs = group_slot(r, c, g) - r.group_base;
+          check(gs >= 0 && gs < int64_t(group_writes.size()), "level-one sum outside its slots", gs);
+          if (!check.ok) break;
+          check(group_writes[gs]++ == 0, "level-one sum written twice", gs);
+          group_hash[gs] = level;
+        }
+      }
+      counters[gc] = 0;  // reset by the block that arrived last
+      if (r.groups == 1) continue;
+      const int64_t dc = domain_counter(r, d);
+      check(dc >= d * r.counters_per_domain && dc < (d + 1) * r.counters_per_domain && dc != gc,
+            "domain counter outside its domain's", dc, d);
+      if (!check.ok) break;
+      if (counters[dc]++ != unsigned(r.groups - 1)) continue;
+      for (int64_t c : chans) {
+        uint64_t t = 0;
+        for (int64_t h = 0; h * kGroup < r.groups && check.ok; ++h) {
+          std::vector<uint64_t> lanes(kGroup, 0);
+          for (int lane = 0; lane < kGroup && check.ok; ++lane) {
+            const int64_t slot = level2_slot(r, c, h, lane);
+            if (slot < 0) continue;
+            const int64_t gs = slot - r.group_base;
+            check(gs >= 0 && gs < int64_t(group_writes.size()) && group_writes[gs] == 1,
+                  "level two reads a sum not written", slot, c);
+            if (!check.ok) break;
+            ++group_reads[gs];
+            lanes[lane] = group_hash[gs];
+          }
+          t = mix(t, tree32(lanes));
+        }
+        total[c] = t;
+        ++dstep[c];
+      }
+      counters[dc] = 0;
+    }
+  }
+  for (size_t i = 0; i < counters.size() && check.ok; ++i) check(counters[i] == 0, "a counter left non-zero", i);
+  for (size_t i = 0; i < group_writes.size() && check.ok; ++i) {
+    check(group_writes[i] == group_reads[i] && group_writes[i] <= 1, "level-one sum not read once", i);
+  }
+  return total;
 }
 
 template <int VEC>
@@ -189,41 +443,43 @@ void backward(const Case& k, Checker& check) {
   const BackwardPlan p = plan_backward(s, k.dtype, addr(k.off_dy, k.dtype), addr(k.off_x, k.dtype),
                                        addr(k.off_out, k.dtype));
   const BackwardPlan q = plan_backward(s, k.dtype, 0, 0, 0);
-  check(p.vec == q.vec && p.grid.x == q.grid.x && p.grid.y == q.grid.y && p.block == q.block &&
-            p.partial_count == q.partial_count,
+  check(p.vec == VEC && p.vec == q.vec && p.tiled == q.tiled && p.grid.x == q.grid.x &&
+            p.grid.y == q.grid.y && p.block == q.block && p.workspace_doubles == q.workspace_doubles &&
+            p.reduce.count == q.reduce.count && p.fusable == q.fusable,
         "backward partition depends on the pointers");
-  Slots sl(p.partial_count);
+  check(p.grid.y >= 1 && p.grid.y <= unsigned(kMaxGridY) && p.grid.x >= 1, "backward grid", p.grid.x, p.grid.y);
+  Slots sl(p.workspace_doubles);
   std::vector<uint8_t> written(numel_of(s), 0);
+  std::vector<int> dstep(s.channels, 0);
   if (p.tiled) {
-    backward_tiles<VEC>(k, p, check, sl, written);
+    backward_tiles<VEC>(k, p, check, sl, written, dstep);
   } else {
-    backward_rows<VEC>(k, p, check, sl, written);
+    backward_rows<VEC>(k, p, check, sl, written, dstep);
   }
   for (int64_t e = 0; e < numel_of(s) && check.ok; ++e) check(written[e] == 1, "backward element not written", e);
-  // Finalize: one warp per channel, grid-stride; lane 0 writes dstep[c].
-  std::vector<int> dstep(s.channels, 0);
-  const int64_t nwarps = int64_t{p.finalize_grid.x} * (kThreads / 32);
-  for (int64_t warp = 0; warp < nwarps && check.ok; ++warp) {
-    for (int lane = 0; lane < 32 && check.ok; ++lane) {
-      std::vector<int64_t> read;
-      walk_finalize(
-          p.finalize, warp, nwarps, lane, [&](int64_t slot) { read.push_back(slot); },
-          [&](int64_t c) {
-            for (int64_t slot : read) {
-              check(slot >= 0 && slot < p.partial_count, "finalize reads outside the workspace", slot, c);
-              if (!check.ok) return;
-              check(sl.owner[slot] == c, "finalize reads another channel's slot", slot, c);
-              ++sl.reads[slot];
-            }
-            read.clear();
-            if (lane == 0) ++dstep[c];
-          });
+  if (!check.ok) return;
+  if (p.reduce.count == 1) {  // every block wrote its channels' dstep: nothing to finalize
+    check(p.fusable && p.counters == 0 && p.workspace_doubles == 0, "direct dstep plan", p.counters);
+  } else {
+    const std::vector<uint64_t> separate = finalize_separate(p, check, sl);
+    const int64_t partials = p.reduce.C * p.reduce.count;
+    for (int64_t m = 0; m < partials && check.ok; ++m) {
+      const int64_t slot = p.tiled ? m : m;  // the partials fill [0, C * count) on both paths
+      check(sl.writes[slot] == 1 && sl.reads[slot] == 1, "partial slot not written and read once", slot,
+            sl.writes[slot]);
+    }
+    if (p.fusable && check.ok) {
+      std::fill(sl.reads.begin(), sl.reads.end(), 0);
+      const std::vector<uint64_t> fused = finalize_fused(k, p, check, sl, dstep);
+      for (int64_t m = 0; m < partials && check.ok; ++m) check(sl.reads[m] == 1, "fused: partial slot not read once", m);
+      for (int64_t c = 0; c < s.channels && check.ok; ++c) {
+        check(fused[c] == separate[c], "fused and separate finalize sum in different orders", c);
+      }
+    } else {
+      for (int64_t c = 0; c < s.channels; ++c) ++dstep[c];  // the separate finalize wrote it
     }
   }
-  for (int64_t m = 0; m < p.partial_count && check.ok; ++m) {
-    check(sl.writes[m] == 1 && sl.reads[m] == 1, "partial slot not written and read once", m, sl.writes[m]);
-  }
-  for (int64_t c = 0; c < s.channels && check.ok; ++c) check(dstep[c] == 1, "dstep not written once", c);
+  for (int64_t c = 0; c < s.channels && check.ok; ++c) check(dstep[c] == 1, "dstep not written once", c, dstep[c]);
 }
 
 template <template <int> class F>
@@ -236,94 +492,172 @@ void with_vec(int vec, const Case& k, Checker& check) {
     default: check(false, "unexpected vec", vec);
   }
 }
-template <int V> struct Fwd { static void run(const Case& k, Checker& c) { elementwise<V>(k, c, false); } };
-template <int V> struct Gx { static void run(const Case& k, Checker& c) { elementwise<V>(k, c, true); } };
+template <int V> struct Fwd { static void run(const Case& k, Checker& c) { forward<V>(k, c, false); } };
+template <int V> struct Gx { static void run(const Case& k, Checker& c) { forward<V>(k, c, true); } };
 template <int V> struct Bwd { static void run(const Case& k, Checker& c) { backward<V>(k, c); } };
 
 void run_case(const Case& k) {
   ++cases;
   Checker check{k};
   const uintptr_t x = addr(k.off_x, k.dtype), dy = addr(k.off_dy, k.dtype), out = addr(k.off_out, k.dtype);
-  with_vec<Fwd>(aligned_vec(k.dtype, x, 0, out), k, check);
-  with_vec<Gx>(aligned_vec(k.dtype, x, dy, out), k, check);
+  with_vec<Fwd>(forward_path(k.shape, k.dtype, x, 0, out).vec, k, check);
+  with_vec<Gx>(forward_path(k.shape, k.dtype, x, dy, out).vec, k, check);
   with_vec<Bwd>(plan_backward(k.shape, k.dtype, dy, x, out).vec, k, check);
 }
 
-// Tensors of more than 2**31 elements cannot be walked whole: sampled threads are, and every
-// vector they visit is checked against its index computed directly with 64-bit division.
-template <int VEC>
-void sampled_flat(const Case& k, Checker& check) {
-  const Shape& s = k.shape;
-  const int64_t numel = numel_of(s);
-  const ElementwisePlan p = plan_elementwise(s, k.dtype, addr(k.off_x, k.dtype), 0,
-                                             addr(k.off_out, k.dtype), k.sm_count, k.blocks_per_sm);
-  check(p.vec == VEC, "sampled elementwise vec", p.vec, VEC);
-  const FlatWalk w{numel, s.channels, s.inner, make_divider(s.inner), make_divider(s.channels), p.stride};
-  const int64_t nthreads = int64_t{p.blocks} * kThreads;
-  const int64_t nvec = (numel + VEC - 1) / VEC;
-  for (int64_t tid : {int64_t{0}, int64_t{1}, nthreads / 2 + 3, nthreads - 1}) {
-    int64_t v = tid;
-    walk_flat<VEC>(w, tid, nthreads, [&](int64_t e, int64_t n, Cursor c) {
-      check(e == v * VEC && n == numel - e, "sampled elementwise vector index", e, v);
-      check(c.i == e % s.inner && c.c == (e / s.inner) % s.channels, "sampled elementwise cursor", e, c.c);
-      v += nthreads;
-    });
-    check(v >= nvec && v - nthreads < nvec, "sampled elementwise vector count", tid, v);
-  }
-}
+// ---- the walks alone on small grids: many vectors per thread, so many chunks and flushes ----
 
+// The backward's walks with few threads: every element once, and every float32 sum flushed
+// before it takes kFlushTerms terms (the planner's grids give a thread at most 4 vectors, so
+// only such grids reach the chunking).
 template <int VEC>
-void sampled_backward(const Case& k, Checker& check) {
+void chunked_walks(const Case& k, Checker& check) {
   const Shape& s = k.shape;
   const int64_t numel = numel_of(s);
-  const BackwardPlan p = plan_backward(s, k.dtype, 0, 0, 0);
-  check(p.vec == VEC, "sampled backward vec", p.vec, VEC);
-  if (!p.tiled) {
-    const int64_t nthreads = int64_t{p.grid.x} * p.block;
-    const int64_t nvec = (s.outer * s.inner + VEC - 1) / VEC;
-    for (int64_t c : {int64_t{0}, s.channels / 2, s.channels - 1}) {
-      for (int64_t tid : {int64_t{0}, nthreads / 3, nthreads - 1}) {
-        int64_t v = tid;
-        walk_channel_rows<VEC>(p.rows, tid, c, [&](int64_t e, int64_t n) {
-          const int64_t m = v * VEC;  // the vector's first element within the channel
-          const int64_t want = (m / s.inner) * s.channels * s.inner + c * s.inner + m % s.inner;
-          check(e == want && n == s.outer * s.inner - m, "sampled rows vector index", e, want);
-          check(e + (n < VEC ? n : VEC) <= numel, "sampled rows vector out of bounds", e, n);
-          v += nthreads;
-        });
-        check(v >= nvec && v - nthreads < nvec, "sampled rows vector count", tid, v);
-      }
-    }
-  } else {
-    const int64_t W = s.channels * s.inner;
-    const int bx = 1 << p.bx_log2;
-    const int by = kThreads >> p.bx_log2;
-    const int64_t row_step = int64_t{p.grid.y} * by;
-    for (unsigned x : {0u, p.grid.x / 2, p.grid.x - 1}) {
-      for (unsigned y : {0u, p.grid.y - 1}) {
-        for (int t : {0, kThreads / 2 + 1, kThreads - 1}) {
-          const int64_t col = tile_column(x, bx, t & (bx - 1), VEC);
-          if (col >= W) continue;
-          int64_t o = int64_t{y} * by + (t >> p.bx_log2);
-          walk_tile_rows(s.outer, W, col, o, row_step, [&](int64_t e) {
-            check(e == o * W + col && e + VEC <= numel, "sampled tile vector index", e, o);
-            o += row_step;
-          });
-          check(o >= s.outer, "sampled tile rows end early", o, s.outer);
+  std::vector<uint8_t> written(numel, 0);
+  if (s.channels == 1 || s.inner % VEC == 0) {
+    for (int64_t nthreads : {int64_t{1}, int64_t{3}, int64_t{32}}) {
+      std::fill(written.begin(), written.end(), 0);
+      const RowsWalk w = rows_walk(s, nthreads, VEC);
+      for (int64_t c = 0; c < s.channels && check.ok; ++c) {
+        for (int64_t tid = 0; tid < nthreads && check.ok; ++tid) {
+          Terms terms;
+          auto visit = [&](int64_t e, int64_t len) {
+            for (int64_t j = 0; j < len && check.ok; ++j) {
+              check(e + j < numel && channel_of(s, e + j) == c, "chunked rows element of another channel", e + j, c);
+              if (check.ok) check(written[e + j]++ == 0, "chunked rows element twice", e + j);
+            }
+            terms.add(check, len);
+          };
+          walk_channel_rows<VEC, kRowsPairsPerFlush<VEC>>(
+              w, tid, c,
+              [&](int64_t e0, int64_t e1) {
+                visit(e0, VEC);
+                visit(e1, VEC);
+              },
+              [&](int64_t e, int64_t n) { visit(e, n < VEC ? n : VEC); }, [&] { terms.n = 0; });
         }
       }
+      for (int64_t e = 0; e < numel && check.ok; ++e) check(written[e] == 1, "chunked rows element missed", e);
+    }
+  }
+  const int64_t W = s.channels * s.inner;
+  if (W % VEC == 0) {
+    for (int64_t row_step : {int64_t{1}, int64_t{3}}) {
+      std::fill(written.begin(), written.end(), 0);
+      const TilesWalk w = tiles_walk(s, row_step);
+      for (int64_t col = 0; col < W && check.ok; col += VEC) {
+        for (int64_t first = 0; first < row_step && check.ok; ++first) {
+          Terms terms;
+          auto visit = [&](int64_t e) {
+            for (int j = 0; j < VEC && check.ok; ++j) {
+              check(e + j < numel && written[e + j]++ == 0, "chunked tile element twice", e + j);
+            }
+            terms.add(check, 1);
+          };
+          walk_tile_rows<kTiledRowsInFlight, kTilesGroupsPerFlush>(
+              w, col, first,
+              [&](int64_t e, int64_t de) {
+                for (int r = 0; r < kTiledRowsInFlight; ++r) visit(e + r * de);
+              },
+              visit, [&] { terms.n = 0; });
+        }
+      }
+      for (int64_t e = 0; e < numel && check.ok; ++e) check(written[e] == 1, "chunked tile element missed", e);
+    }
+  }
+}
+template <int V> struct Chunked { static void run(const Case& k, Checker& c) { chunked_walks<V>(k, c); } };
+
+// ---- tensors of more than 2**31 elements: sampled threads, indices against 64-bit division ----
+
+// The flat index of channel c's k-th element.
+int64_t channel_element(const Shape& s, int64_t c, int64_t k) {
+  return (k / s.inner) * s.channels * s.inner + c * s.inner + k % s.inner;
+}
+
+template <int VEC>
+void sampled_rows(const Case& k, Checker& check, const RowsWalk& w, int64_t nthreads, const char* what) {
+  const Shape& s = k.shape;
+  const int64_t nvec = (w.per_channel + VEC - 1) / VEC;
+  for (int64_t c : {int64_t{0}, s.channels / 2, s.channels - 1}) {
+    for (int64_t tid : {int64_t{0}, nthreads / 3, nthreads - 1}) {
+      std::vector<int64_t> seen;
+      walk_channel_rows<VEC, kNoChunks>(
+          w, tid, c,
+          [&](int64_t e0, int64_t e1) {
+            seen.push_back(e0);
+            seen.push_back(e1);
+          },
+          [&](int64_t e, int64_t) { seen.push_back(e); }, [] {});
+      std::vector<int64_t> want;
+      for (int64_t v = tid; v < nvec; v += nthreads) {
+        want.push_back(s.channels == 1 ? v * VEC : channel_element(s, c, v * VEC));
+      }
+      std::sort(seen.begin(), seen.end());
+      std::sort(want.begin(), want.end());
+      check(seen == want, what, tid, c);
     }
   }
 }
 
-template <int V> struct SampledFwd { static void run(const Case& k, Checker& c) { sampled_flat<V>(k, c); } };
-template <int V> struct SampledBwd { static void run(const Case& k, Checker& c) { sampled_backward<V>(k, c); } };
+void sampled_tiles(const Case& k, Checker& check, const TilesWalk& w, Grid grid, int bx_log2, int vec,
+                   const char* what) {
+  const int bx = 1 << bx_log2;
+  const int by = kThreads >> bx_log2;
+  for (unsigned x : {0u, grid.x / 2, grid.x - 1}) {
+    for (unsigned y : {0u, grid.y - 1}) {
+      for (int t : {0, kThreads / 2 + 1, kThreads - 1}) {
+        const int64_t col = tile_column(x, bx, t & (bx - 1), vec);
+        if (col >= w.W) continue;
+        const int64_t first = int64_t{y} * by + (t >> bx_log2);
+        std::vector<int64_t> seen;
+        walk_tile_rows<2, kNoChunks>(
+            w, col, first,
+            [&](int64_t e, int64_t de) {
+              seen.push_back(e);
+              seen.push_back(e + de);
+            },
+            [&](int64_t e) { seen.push_back(e); }, [] {});
+        std::vector<int64_t> want;
+        for (int64_t o = first; o < k.shape.outer; o += w.row_step) want.push_back(o * w.W + col);
+        std::sort(seen.begin(), seen.end());
+        check(seen == want && (want.empty() || want.back() + vec <= numel_of(k.shape)), what, col, first);
+      }
+    }
+  }
+}
+
+template <int VEC>
+void sampled(const Case& k, Checker& check) {
+  const Shape& s = k.shape;
+  const uintptr_t x = addr(k.off_x, k.dtype), out = addr(k.off_out, k.dtype);
+  const ForwardPlan f = plan_forward(s, k.dtype, x, 0, out, int64_t{k.sm_count} * k.blocks_per_sm);
+  if (f.vec == VEC) {
+    if (f.tiled) {
+      sampled_tiles(k, check, f.tiles, f.grid, f.bx_log2, VEC, "sampled forward tile rows");
+    } else {
+      sampled_rows<VEC>(k, check, f.rows, int64_t{f.grid.x} * f.block, "sampled forward rows");
+    }
+  }
+  const BackwardPlan b = plan_backward(s, k.dtype, 0, 0, 0);
+  if (b.vec == VEC) {
+    if (b.tiled) {
+      sampled_tiles(k, check, b.tiles, b.grid, b.bx_log2, VEC, "sampled backward tile rows");
+    } else {
+      sampled_rows<VEC>(k, check, b.rows, int64_t{b.grid.x} * b.block, "sampled backward rows");
+    }
+    check(!b.fusable || b.counters <= kMaxCounters, "sampled: counters over a slot", b.counters);
+  }
+}
+template <int V> struct Sampled { static void run(const Case& k, Checker& c) { sampled<V>(k, c); } };
 
 void run_sampled(const Case& k) {
   ++cases;
   Checker check{k};
-  with_vec<SampledFwd>(aligned_vec(k.dtype, addr(k.off_x, k.dtype), 0, addr(k.off_out, k.dtype)), k, check);
-  with_vec<SampledBwd>(plan_backward(k.shape, k.dtype, 0, 0, 0).vec, k, check);
+  for (int vec : {1, 2, 4, 8}) {
+    if (vec <= max_vec(k.dtype)) with_vec<Sampled>(vec, k, check);
+  }
 }
 
 }  // namespace
@@ -331,10 +665,13 @@ void run_sampled(const Case& k) {
 int main(int argc, char** argv) {
   const int random_cases = argc > 1 ? std::atoi(argv[1]) : 3000;
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
-  // The shapes the CUDA tests name, and the paths' edges.
-  const Shape fixed[] = {{1, 70000, 64}, {3, 100001, 1}, {4, 8, 130}, {2, 8, 49}, {2, 16, 256},
-                         {33, 24, 1}, {1, 1, 1}, {1, 1, 4097}, {3, 1, 1001}, {64, 3, 1},
-                         {5, 12, 11}, {2, 70000, 1}, {9, 1, 300}, {1, 5, 64}, {7, 2, 127}};
+  // The shapes the CUDA tests name, and the paths' edges: long rows, short rows, channels_last,
+  // (N, C) with odd C, per-tensor with a partial last vector, many channels, many rows.
+  const Shape fixed[] = {{1, 70000, 64},  {3, 100001, 1}, {4, 8, 130},    {2, 8, 49},   {2, 16, 256},
+                         {33, 24, 1},     {1, 1, 1},      {1, 1, 4097},   {1, 1, 1001}, {64, 3, 1},
+                         {5, 12, 11},     {2, 70000, 1},  {1, 1, 300},    {1, 5, 64},   {7, 2, 127},
+                         {3000, 8, 1},    {1, 1, 262147}, {2, 4, 8192},   {9, 64, 1},   {40, 2, 1024},
+                         {1, 3, 100000}};
   for (const Shape& s : fixed) {
     for (DType d : dtypes) {
       for (int off = 0; off < 3; ++off) run_case({s, d, 0, off, 0, 132, 8});
@@ -346,10 +683,13 @@ int main(int argc, char** argv) {
   const int sms[] = {1, 2, 7, 46, 108, 132};
   for (int i = 0; i < random_cases; ++i) {
     Shape s{pick(1, 40), pick(1, 70), pick(1, 300)};
-    if (i % 4 == 0) s.inner = pick(1, 8);       // the tiled path, several rows per tile
-    if (i % 7 == 0) s.channels = 1;             // per-tensor and C == 1
-    while (numel_of(s) > 60000) s.outer = s.outer / 2 + 0;
+    if (i % 4 == 0) s.inner = pick(1, 8);        // the tiled path, several rows per tile
+    if (i % 7 == 0) { s.outer = 1; s.channels = 1; }  // per-tensor: [1, 1, numel]
+    if (i % 11 == 0) { s.outer = pick(200, 3000); s.inner = 1; s.channels = pick(1, 20); }  // many row blocks
+    if (i % 13 == 0) { s.outer = pick(1, 4); s.channels = pick(1, 3); s.inner = pick(2000, 20000); }  // many blocks per channel
+    while (numel_of(s) > 60000) s.outer = s.outer / 2;
     if (s.outer < 1) s.outer = 1;
+    if (s.channels == 1) { s.inner = numel_of(s); s.outer = 1; }
     const DType d = dtypes[rng() % 3];
     const int widest = 16 / elem_size(d);
     const int64_t ox = rng() % 4 == 0 ? pick(0, widest - 1) : 0;
@@ -357,10 +697,22 @@ int main(int argc, char** argv) {
     const int64_t oo = rng() % 4 == 0 ? pick(0, widest - 1) : 0;
     run_case({s, d, ox, od, oo, sms[rng() % 6], int(pick(1, 8))});
   }
+  // The walks on grids of 1 to 32 threads: thousands of vectors per thread, chunks, flushes.
+  for (const Shape& s : {Shape{1, 1, 40000}, Shape{3, 2, 4100}, Shape{5000, 4, 1}, Shape{2100, 3, 2},
+                         Shape{1, 1, 3}, Shape{2, 3, 1}}) {
+    for (DType d : dtypes) {
+      const Case k{s, d, 0, 0, 0, 1, 1};
+      ++cases;
+      Checker check{k};
+      for (int vec : {1, 2, 4, 8}) {
+        if (vec <= max_vec(d)) with_vec<Chunked>(vec, k, check);
+      }
+    }
+  }
   // More than 2**31 elements (the CUDA tests' shapes and larger), sampled threads only.
   const Shape big[] = {{518217, 4144, 1}, {1025, 8, 1 << 18}, {1, 1, (int64_t{1} << 31) + (1 << 21)},
-                       {8, 1, int64_t{1} << 30}, {3, 70000, 1 << 14}, {1 << 16, 3, 16385},
-                       {1 << 20, 4096, 1}, {1 << 25, 16, 8}};
+                       {1, 1, int64_t{1} << 33}, {3, 70000, 1 << 14}, {1 << 16, 3, 16385},
+                       {1 << 20, 4096, 1}, {1 << 25, 16, 8}, {2, 2, (int64_t{1} << 31) + 16}};
   for (const Shape& s : big) {
     for (DType d : dtypes) {
       for (int sm : {1, 132}) run_sampled({s, d, 0, 0, 0, sm, 8});

@@ -1,12 +1,16 @@
-// Unit tests of the CUDA kernels' host planner (dqa_plan.h), compiled with g++ and run on the
-// CPU: no GPU, no CUDA headers. Built and run by scripts/check_cuda_kernels.sh and
-// tests/test_cuda_planner.py. Exit status 0 when every check passes; each failure prints a line.
+// Unit tests of the CUDA kernels' host planner (dqa_plan.h) and counter slots (dqa_counters.h),
+// compiled with g++ and run on the CPU: no GPU, no CUDA headers. Built and run by
+// scripts/check_cuda_kernels.sh and tests/test_cuda_planner.py. Exit status 0 when every check
+// passes; each failure prints a line.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
+#include <thread>
+#include <vector>
 
+#include "cuda/dqa_counters.h"
 #include "cuda/dqa_plan.h"
 
 using namespace dqa_cuda;
@@ -35,44 +39,71 @@ uintptr_t ptr(int64_t elems, DType d) { return 0x7f0000000000u + elems * elem_si
 
 const DType kDtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
 
-// Aligned tensors get the dtype's widest vector on every path: forward, grad_x alone, the row
-// backward (NCHW, long rows), the tiled backward (short rows) and per-tensor.
+// The key shape [32, 64, 56, 56] and its layouts as [outer, C, inner] blocks.
+const Shape kNchw{32, 64, 56 * 56};
+const Shape kChannelsLast{32 * 56 * 56, 64, 1};
+const Shape kPerTensor{1, 1, 32 * 64 * 56 * 56};
+
+// Aligned tensors: the forward gets the dtype's widest vector on every path; the row backward
+// too; the tiled backward at most kTiledBackwardMaxVec columns per thread (registers).
 void aligned_tensors_get_the_widest_vector() {
   for (DType d : kDtypes) {
     const int widest = 16 / elem_size(d);
-    const Shape nchw{32, 64, 56 * 56};    // rows path
-    const Shape small_hw{32, 64, 7 * 7};  // tiled path (W = 3136)
-    const Shape cl{32 * 56 * 56, 64, 1};  // channels_last: tiled
-    const Shape per_tensor{1, 1, 32 * 64 * 56 * 56};
-    for (Shape s : {nchw, small_hw, cl, per_tensor}) {
-      const ElementwisePlan f = plan_elementwise(s, d, ptr(0, d), 0, ptr(0, d), 132, 8);
+    const Shape small_hw{32, 64, 2 * 2};  // tiles (rows of less than a sector)
+    for (Shape s : {kNchw, small_hw, kChannelsLast, kPerTensor}) {
+      const ForwardPlan f = plan_forward(s, d, ptr(0, d), 0, ptr(0, d), 132 * 8);
       check(f.vec == widest, "forward vec " + std::to_string(f.vec) + " for " + str(s, d));
-      const ElementwisePlan g = plan_elementwise(s, d, ptr(0, d), ptr(0, d), ptr(0, d), 132, 8);
+      const ForwardPlan g = plan_forward(s, d, ptr(0, d), ptr(0, d), ptr(0, d), 132 * 8);
       check(g.vec == widest, "grad_x vec " + std::to_string(g.vec) + " for " + str(s, d));
       const BackwardPlan b = plan_backward(s, d, ptr(0, d), ptr(0, d), ptr(0, d));
-      check(b.vec == widest && b.packed,
-            "backward vec " + std::to_string(b.vec) + " packed " + std::to_string(b.packed) +
-                " for " + str(s, d));
+      const int want = b.tiled ? kTiledBackwardMaxVec : widest;
+      check(b.vec == want && b.packed, "backward vec " + std::to_string(b.vec) + " for " + str(s, d));
     }
-    check(!plan_backward(Shape{32, 64, 56 * 56}, d, 0, 0, 0).tiled, "NCHW 56x56 takes the row path");
-    check(plan_backward(Shape{32, 64, 7 * 7}, d, 0, 0, 0).tiled, "NCHW 7x7 takes the tiled path");
+    check(!plan_forward(kNchw, d, 0, 0, 0, 1056).tiled && !plan_backward(kNchw, d, 0, 0, 0).tiled,
+          "NCHW 56x56 takes the row path");
+    check(plan_forward(kChannelsLast, d, 0, 0, 0, 1056).tiled && plan_backward(kChannelsLast, d, 0, 0, 0).tiled,
+          "channels_last takes the tiles");
+    check(!plan_forward(kPerTensor, d, 0, 0, 0, 1056).tiled && !plan_backward(kPerTensor, d, 0, 0, 0).tiled,
+          "per-tensor takes the row path");
+    check(plan_backward(small_hw, d, 0, 0, 0).tiled, "NCHW 2x2 takes the tiles");
+    // 7x7: the backward's rows at width 1 (its partition is the shape's), the forward's tiles.
+    const BackwardPlan seven = plan_backward(Shape{32, 64, 49}, d, 0, 0, 0);
+    check(!seven.tiled && seven.vec == 1 && seven.fusable, "NCHW 7x7 backward: rows at width 1, fused");
+    check(plan_forward(Shape{32, 64, 49}, d, 0, 0, 0, 1056).tiled, "NCHW 7x7 forward: tiles");
   }
 }
 
-// Odd rows: a vector may cross rows in the elementwise pass (any width), the row backward
-// needs vec | inner, the tiled one vec | C * inner.
-void shape_limits_the_backward_partition_only() {
+// Odd rows: the forward takes the tiles where the matrix allows a wider vector than the rows;
+// the backward keeps its shape-only partition (vec | inner on the rows).
+void odd_rows() {
   const DType h = DType::kFloat16;
-  check(plan_elementwise(Shape{4, 3, 7}, h, ptr(0, h), 0, ptr(0, h), 1, 1).vec == 8,
-        "forward of inner 7 fp16 uses vec 8");
-  check(plan_backward(Shape{4, 8, 130}, h, 0, 0, 0).vec == 2, "fp16 inner 130: vec 2");
-  check(plan_backward(Shape{4, 100001, 1}, DType::kBFloat16, 0, 0, 0).vec == 1,
-        "(N, 100001) bf16: vec 1");
-  check(plan_backward(Shape{4, 12, 1}, h, 0, 0, 0).vec == 4, "(N, 12) fp16: vec 4");
-  check(plan_backward(Shape{3, 1, 1001}, h, 0, 0, 0).vec == 8, "per-tensor odd numel: vec 8");
+  const ForwardPlan f = plan_forward(Shape{4, 8, 130}, h, ptr(0, h), 0, ptr(0, h), 8);
+  check(f.tiled && f.vec == 8, "forward of inner 130 fp16: tiles at vec 8 (W = 1040)");
+  check(plan_backward(Shape{4, 8, 130}, h, 0, 0, 0).vec == 2, "fp16 inner 130 backward: vec 2");
+  check(plan_backward(Shape{4, 100001, 1}, DType::kBFloat16, 0, 0, 0).vec == 1, "(N, 100001) bf16: vec 1");
+  check(plan_backward(Shape{4, 12, 1}, h, 0, 0, 0).vec == 2, "(N, 12) fp16: vec 2 (tiles)");
+  check(plan_backward(Shape{1, 1, 1001}, h, 0, 0, 0).vec == 8, "per-tensor odd numel: vec 8");
+  const ForwardPlan odd = plan_forward(Shape{4, 7, 1001}, DType::kFloat32, 0, 0, 0, 8);
+  check(!odd.tiled && odd.vec == 1, "odd C and inner: rows at vec 1");
+  const ForwardPlan even = plan_forward(Shape{4, 8, 1001}, DType::kFloat32, 0, 0, 0, 8);
+  check(even.tiled && even.vec == 4, "odd inner, C = 8: tiles at vec 4");
 }
 
-// Misaligned pointers: the elementwise width follows the alignment; the backward keeps its
+// Rows over 2**31 elements: the row walk's cursor is 32-bit, so they go to the tiles unless the
+// channel is contiguous (outer == 1), which the walk describes as rows of one element.
+void long_rows() {
+  const int64_t big = (int64_t{1} << 31) + 16;
+  const DType f = DType::kFloat32;
+  const BackwardPlan one = plan_backward(Shape{1, 2, big}, f, 0, 0, 0);
+  check(!one.tiled && one.rows.inner == 1 && one.rows.c_stride == big && one.rows.per_channel == big,
+        "outer 1, rows over 2**31: a contiguous channel on the row path");
+  check(plan_backward(Shape{2, 2, big}, f, 0, 0, 0).tiled, "outer 2, rows over 2**31: tiles");
+  check(plan_forward(Shape{2, 2, big}, f, 0, 0, 0, 8).tiled, "forward, outer 2, rows over 2**31: tiles");
+  const RowsWalk w = plan_backward(kNchw, f, 0, 0, 0).rows;
+  check(w.inner == 56 * 56 && w.c_stride == 56 * 56 && w.row_stride == 64 * 56 * 56, "NCHW rows walk");
+}
+
+// Misaligned pointers: the forward's width follows the alignment; the backward keeps its
 // partition and switches to scalar loads.
 void misalignment_keeps_the_partition() {
   for (DType d : kDtypes) {
@@ -81,61 +112,109 @@ void misalignment_keeps_the_partition() {
       int expect = widest;
       while (off % expect != 0) expect >>= 1;
       const Shape s{8, 16, 64};
-      check(plan_elementwise(s, d, ptr(off, d), 0, ptr(0, d), 4, 4).vec == expect,
+      check(plan_forward(s, d, ptr(off, d), 0, ptr(0, d), 16).vec == expect,
             "forward vec with x offset " + std::to_string(off) + " for " + str(s, d));
-      check(plan_elementwise(s, d, ptr(0, d), ptr(off, d), ptr(0, d), 4, 4).vec == expect,
+      check(plan_forward(s, d, ptr(0, d), ptr(off, d), ptr(0, d), 16).vec == expect,
             "grad_x vec with dy offset " + std::to_string(off) + " for " + str(s, d));
-      for (Shape b : {s, Shape{8, 16, 3}, Shape{1, 1, 999}}) {
+      for (Shape b : {s, Shape{8, 16, 3}, Shape{1, 1, 999}, kChannelsLast}) {
         const BackwardPlan a = plan_backward(b, d, ptr(0, d), ptr(0, d), ptr(0, d));
         const BackwardPlan m = plan_backward(b, d, ptr(off, d), ptr(0, d), ptr(0, d));
         const bool same = a.tiled == m.tiled && a.vec == m.vec && a.grid.x == m.grid.x &&
                           a.grid.y == m.grid.y && a.block == m.block && a.bx_log2 == m.bx_log2 &&
-                          a.partial_count == m.partial_count && a.finalize.count == m.finalize.count &&
-                          a.finalize_grid.x == m.finalize_grid.x;
-        check(same, "backward partition changed with dy offset " + std::to_string(off) + " for " +
-                        str(b, d));
-        check(a.packed && (m.packed == (a.vec == 1)),
+                          a.workspace_doubles == m.workspace_doubles && a.reduce.count == m.reduce.count &&
+                          a.fusable == m.fusable && a.counters == m.counters;
+        check(same, "backward partition changed with dy offset " + std::to_string(off) + " for " + str(b, d));
+        const bool misaligned = off % a.vec != 0;
+        check(a.packed && m.packed == !misaligned,
               "packed flag with dy offset " + std::to_string(off) + " for " + str(b, d));
       }
     }
   }
 }
 
-// The reduction's grid is a constant budget, not the SM count; gridDim.y stays <= 65535.
-void reduction_grid_is_bounded() {
+// The backward's grid is sized by the tensor (at most kBackwardVectorsPerThread vectors per
+// thread), never by the GPU; gridDim.y stays <= 65535.
+void backward_grid_follows_the_tensor() {
   for (DType d : kDtypes) {
-    for (Shape s : {Shape{1, 70000, 64}, Shape{1 << 20, 16384, 1}, Shape{256, 1, 1 << 20},
-                    Shape{2, 3, 300}, Shape{1, 1, 1}}) {
+    for (Shape s : {Shape{1, 70000, 64}, Shape{1 << 20, 16384, 1}, Shape{256, 1, 1 << 20}, Shape{2, 3, 300},
+                    Shape{1, 1, 1}, kNchw, kChannelsLast, kPerTensor, Shape{32, 256, 56 * 56}}) {
       const BackwardPlan p = plan_backward(s, d, 0, 0, 0);
-      const int64_t threads = int64_t{p.grid.x} * p.grid.y * p.block;
-      check(p.grid.y >= 1 && p.grid.y <= 65535 && p.grid.x >= 1, "grid y range for " + str(s, d));
+      check(p.grid.y >= 1 && p.grid.y <= 65535 && p.grid.x >= 1, "grid range for " + str(s, d));
       if (!p.tiled) {
-        check(threads <= kReduceBlocks * kThreads * 2 || p.grid.x == 1,
-              "rows grid " + std::to_string(threads) + " threads for " + str(s, d));
-        check(p.partial_count == s.channels * p.grid.x && p.finalize.count == p.grid.x,
+        const int64_t nvec = ceil_div(s.outer * s.inner, p.vec);
+        const int64_t threads = int64_t{p.grid.x} * p.block;
+        check(threads * kBackwardVectorsPerThread >= nvec && (p.grid.x == 1 || (threads - p.block) * kBackwardVectorsPerThread < nvec),
+              "rows grid: " + std::to_string(p.grid.x) + " blocks per channel for " + str(s, d));
+        check(p.reduce.count == p.grid.x && p.reduce.c_stride == p.grid.x && p.reduce.m_stride == 1,
               "rows partials for " + str(s, d));
       } else {
-        check(p.partial_count == int64_t{p.grid.y} * s.channels * s.inner &&
-                  p.finalize.count == int64_t{p.grid.y} * s.inner,
+        const int by = kThreads >> p.bx_log2;
+        check(int64_t{p.grid.y} * by * kBackwardVectorsPerThread >= s.outer || p.grid.y == 65535,
+              "tiles grid for " + str(s, d));
+        check(p.reduce.count == int64_t{p.grid.y} * s.inner && p.tiles.row_step == int64_t{p.grid.y} * by,
               "tiled partials for " + str(s, d));
       }
     }
   }
+  // The key shape in f32: 25 blocks per channel of 256 threads, 1600 blocks; the per-tensor
+  // key shape 1568 blocks; 4x the channels, 4x the blocks.
+  const DType f = DType::kFloat32;
+  check(plan_backward(kNchw, f, 0, 0, 0).grid.x == 25, "key NCHW f32: 25 blocks per channel");
+  check(plan_backward(kPerTensor, f, 0, 0, 0).grid.x == 1568, "key per-tensor f32: 1568 blocks");
+  check(plan_backward(Shape{32, 256, 56 * 56}, f, 0, 0, 0).grid.y == 256, "4x key: 256 channels along y");
 }
 
-void elementwise_grid_is_one_wave() {
+// The fused finalize: the key cases fit one counter slot; where it is fused, a block's partial
+// lies where the separate finalize reads it; count 1 needs no counter and no workspace.
+void fused_finalize() {
+  for (DType d : kDtypes) {
+    for (Shape s : {kNchw, kChannelsLast, kPerTensor, Shape{32, 256, 56 * 56}, Shape{128, 256, 56 * 56},
+                    Shape{128, 64, 8 * 8}, Shape{256, 16, 32 * 32}}) {
+      const BackwardPlan p = plan_backward(s, d, 0, 0, 0);
+      const bool key = s.outer != 128 && s.outer != 256;
+      if (key) check(p.fusable, "key case fused: " + str(s, d));
+      if (!p.fusable) continue;
+      check(p.counters <= kMaxCounters && p.counters == p.domains * p.reduce.counters_per_domain,
+            "counters of " + str(s, d));
+      const int64_t groups = ceil_div(p.reduce.count, kGroup);
+      check(p.reduce.groups == groups &&
+                p.reduce.counters_per_domain == (p.reduce.count == 1 ? 0 : groups == 1 ? 1 : groups + 1),
+            "counters per domain of " + str(s, d));
+      for (int64_t c : {int64_t{0}, p.reduce.C / 3, p.reduce.C - 1}) {
+        for (int64_t m = 0; m < p.reduce.count; m += 1 + p.reduce.count / 7) {
+          check(fused_slot(p.reduce, c, m) == partial_slot(p.reduce, c, m),
+                "fused slot of " + str(s, d) + " c " + std::to_string(c) + " m " + std::to_string(m));
+        }
+      }
+    }
+  }
+  const BackwardPlan few = plan_backward(Shape{4, 70000, 64}, DType::kFloat32, 0, 0, 0);
+  check(few.reduce.count == 1 && few.fusable && few.counters == 0 && few.workspace_doubles == 0,
+        "one block per channel: dstep written directly");
+  const BackwardPlan inner = plan_backward(Shape{512, 64, 3}, DType::kFloat32, 0, 0, 0);
+  check(inner.tiled && !inner.fusable && inner.workspace_doubles == int64_t{inner.grid.y} * 64 * 3,
+        "tiles with inner > 1: the separate finalize");
+  // ResNet-20's last stage in 2-byte dtypes: rows of 128 bytes take the row path, one block
+  // per channel, dstep written directly.
+  const BackwardPlan r20 = plan_backward(Shape{128, 64, 64}, DType::kBFloat16, 0, 0, 0);
+  check(!r20.tiled && r20.vec == 8 && r20.reduce.count == 1, "ResNet-20 stage 3 bf16: rows, direct dstep");
+}
+
+void forward_grid_is_one_wave() {
   const DType f = DType::kFloat32;
-  const ElementwisePlan big = plan_elementwise(Shape{64, 64, 4096}, f, ptr(0, f), 0, ptr(0, f), 132, 8);
-  check(big.blocks == 132 * 8, "big forward: one wave of 132 * 8 blocks");
-  const ElementwisePlan tiny = plan_elementwise(Shape{1, 1, 5}, f, ptr(0, f), 0, ptr(0, f), 132, 8);
-  check(tiny.blocks == 1, "5 elements: one block");
-  check(plan_elementwise(Shape{1, 1, 5}, f, 0, 0, 0, 0, 0).blocks == 1, "sm_count 0: one block");
-  // The stride is the grid stride in elements, split as % inner and (/ inner) % C.
-  for (int64_t inner : {1, 3, 49, 4096}) {
-    for (int64_t C : {1, 5, 64}) {
-      const ElementwisePlan p = plan_elementwise(Shape{7, C, inner}, f, 0, 0, 0, 3, 2);
-      const int64_t g = int64_t{p.blocks} * kThreads * p.vec;
-      check(p.stride.i == g % inner && p.stride.c == (g / inner) % C, "stride cursor");
+  const ForwardPlan big = plan_forward(Shape{64, 64, 4096}, f, ptr(0, f), 0, ptr(0, f), 132 * 8);
+  check(int64_t{big.grid.x} * big.grid.y <= 132 * 8 + 64, "big forward: about one wave");
+  const ForwardPlan tiny = plan_forward(Shape{1, 1, 5}, f, ptr(0, f), 0, ptr(0, f), 132 * 8);
+  check(tiny.grid.x == 1 && tiny.grid.y == 1, "5 elements: one block");
+  check(plan_forward(Shape{1, 1, 5}, f, 0, 0, 0, 0).grid.x == 1, "no wave: one block");
+  // The grid stride, split as % inner and the flat advance.
+  for (int64_t inner : {64, 96, 4096}) {
+    for (int64_t C : {2, 5, 64}) {
+      const ForwardPlan p = plan_forward(Shape{7, C, inner}, f, 0, 0, 0, 6);
+      if (p.tiled) continue;
+      const int64_t g = int64_t{p.grid.x} * p.block * p.vec;
+      check(p.rows.g == g && p.rows.gi == g % inner && p.rows.ge == (g / inner) * C * inner + g % inner,
+            "row walk stride");
     }
   }
 }
@@ -169,15 +248,63 @@ void divider_matches_division() {
   }
 }
 
+// Counter slots: one per (device, stream) for eager launches, one per capture, none shared,
+// none left when all are taken, a capture's given back when its graph goes; from several
+// threads at once.
+void counter_slots() {
+  const SlotGrant a = counter_slot(0, 0x10, 0);
+  check(a.slot >= 0 && a.fresh, "a stream gets a slot");
+  const SlotGrant a2 = counter_slot(0, 0x10, 0);
+  check(a2.slot == a.slot && !a2.fresh, "a stream keeps its slot");
+  const SlotGrant b = counter_slot(0, 0x20, 0);
+  check(b.slot >= 0 && b.slot != a.slot, "another stream, another slot");
+  const SlotGrant c1 = counter_slot(0, 0x10, 7);
+  const SlotGrant c2 = counter_slot(0, 0x10, 8);
+  check(c1.slot >= 0 && c2.slot >= 0 && c1.slot != a.slot && c1.slot != c2.slot && c1.fresh && c2.fresh,
+        "each capture its own slot");
+  check(counter_slot(0, 0x10, 7).slot == c1.slot && !counter_slot(0, 0x10, 7).fresh, "a capture keeps its slot");
+  release_slot(0, c1.slot);
+  const SlotGrant c3 = counter_slot(0, 0x30, 9);
+  check(c3.slot == c1.slot && c3.fresh, "a released slot is given again");
+  check(counter_slot(0, 0x10, 0).slot == a.slot, "releasing one slot leaves the others");
+  check(counter_slot(1, 0x10, 0).slot == 0, "slots are per device");
+  check(counter_slot(-1, 0x10, 0).slot == -1, "no device: no slot");
+  release_slot(5, 3);  // an unknown device or slot: nothing happens
+  std::vector<int> got(200, -2);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([t, &got] {
+      for (int i = t; i < 200; i += 4) got[i] = counter_slot(2, 0x1000 + i, 0).slot;
+    });
+  }
+  for (auto& t : threads) t.join();
+  int given = 0;
+  std::vector<int> seen(kCounterSlots, 0);
+  bool distinct = true;
+  for (int s : got) {
+    if (s < 0) continue;
+    ++given;
+    distinct &= s < kCounterSlots && seen[s]++ == 0;
+  }
+  check(given == kCounterSlots && distinct, "all slots given once, then none (" + std::to_string(given) + ")");
+  check(counter_slot(2, 0x1000, 0).slot == got[0], "a stream still finds its slot when all are taken");
+  check(counter_slot(2, 0x9999, 1).slot == -1, "all taken: a new capture gets none");
+  release_slot(2, got[0]);
+  check(counter_slot(2, 0x9999, 1).slot == got[0], "until a capture's graph gives one back");
+}
+
 }  // namespace
 
 int main() {
   aligned_tensors_get_the_widest_vector();
-  shape_limits_the_backward_partition_only();
+  odd_rows();
+  long_rows();
   misalignment_keeps_the_partition();
-  reduction_grid_is_bounded();
-  elementwise_grid_is_one_wave();
+  backward_grid_follows_the_tensor();
+  fused_finalize();
+  forward_grid_is_one_wave();
   divider_matches_division();
+  counter_slots();
   std::printf("plan_test: %d checks, %d failed\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }
