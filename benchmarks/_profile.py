@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from test_bench_training import NETS, VARIANTS, _build, _train_step  # noqa: E402
+from _training import NETS, VARIANTS, build, train_step  # noqa: E402
 
 
 def main():
@@ -31,7 +31,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     for variant in ("relu", args.variant):
-        step = _train_step(*_build(args.net, variant, "cpu"))
+        step = train_step(*build(args.net, variant, "cpu"))
         for _ in range(3):
             step()
         times = []

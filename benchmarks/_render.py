@@ -14,13 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import _records  # noqa: E402
 import _summary  # noqa: E402
 
 RECORDS = ("kernels", "training", "training_overhead", "calls", "targets", "parity_notes")
 
 
 def collector_of(data):
-    col = _summary.Collector()
+    col = _records.Collector()
     for r in data.get("kernels", []):
         col.kernels[(r["device"], r["dtype"], r["shape"], r["gran"], r["layout"], r["impl"], r["pass"])] = r
     for r in data.get("training", []):
@@ -37,7 +38,7 @@ def collector_of(data):
 def render(path: Path, out_dir: Path, name: str | None = None):
     data = json.loads(path.read_text())
     col = collector_of(data)
-    devices = _summary.devices_of(col)
+    devices = _records.devices_of(col)
     if len(devices) != 1:
         raise SystemExit(f"_render: expected the results of one device in {path}, got {devices}")
     env = {k: v for k, v in data.items() if k not in RECORDS}

@@ -1,19 +1,15 @@
-"""The session's results: per-case medians collected by the tests, the summary tables (terminal and
-benchmarks/results/<machine>.md), the targets with met/missed, and the JSON record."""
+"""Rendering of a session's records (_records.py): the summary tables (terminal and
+benchmarks/results/<machine>.md) with the targets (_targets.py), and the JSON record."""
 
-import datetime
 import json
-import os
-import platform
 import re
-import statistics
-import subprocess
 from pathlib import Path
 
-import torch
-
-from _cases import FLOOR_PASS, IMPL_NAMES, KEY_SHAPE, PASSES, SHAPES
+from _cases import IMPL_NAMES, PASSES, SHAPES
+from _machine import _busy
 from _measure import SPREAD_FLAG
+from _records import CALL_IMPLS, overhead
+from _targets import targets, targets_table
 
 RESULTS_DIR = Path(__file__).parent / "results"
 PEERS = ("eager", "compile", "torch_fq")
@@ -34,68 +30,6 @@ CONVENTIONS = """\
 - **relu** and **copy** are checked against their own definitions only (they are the floor and the
   ceiling, not the same function).
 """
-
-
-class Collector:
-    def __init__(self):
-        self.kernels = {}  # (device, dtype, shape, gran, layout, impl, pass) -> record
-        self.training = {}  # (device, net, variant) -> record
-        self.overheads = {}  # (device, net, variant, compiled) -> paired overhead record
-        self.calls = {}  # (device, impl, pass) -> per-call record (a small tensor: the host cost)
-        self.notes = {}  # (impl, topic) -> [(test id, detail)]
-
-    def add_kernel(self, spec, timing, peak=None, note=None):
-        """timing: a _measure.Timing (median over interleaved rounds, spread, rounds)."""
-        c = spec.case
-        key = (c.device, _dt(c.dtype), c.shape, c.gran, c.layout, spec.impl, spec.pass_)
-        rec = {"device": c.device, "dtype": _dt(c.dtype), "shape": c.shape, "dims": list(c.dims),
-               "gran": c.gran, "layout": c.layout, "impl": spec.impl, "pass": spec.pass_,
-               "median_s": timing.median_s, "spread": timing.spread, "rounds": timing.rounds,
-               "iterations": timing.iterations, "bytes": spec.bytes_moved(), "peak_bytes": peak}
-        self.kernels[key] = rec
-        for topic, detail in note or ():
-            self.notes.setdefault((spec.impl, topic), []).append((spec.id, detail))
-
-    def add_overhead(self, device, net, variant, ratios, compiled=False, step_s=None):
-        """DQAReLU's step time over nn.ReLU's, paired round by round (ratios, one per round): the
-        overhead is their median minus 1, the spread their interquartile range."""
-        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
-        self.overheads[(device, net, variant, compiled)] = {
-            "device": device, "net": net, "variant": variant, "compiled": compiled,
-            "overhead": statistics.median(ratios) - 1, "iqr": q3 - q1, "rounds": len(ratios),
-            "step_s": step_s}
-
-    def add_call(self, device, impl, pass_, timing, shape):
-        """One activation call on a small tensor: what a user pays per call in host time."""
-        self.calls[(device, impl, pass_)] = {"device": device, "impl": impl, "pass": pass_, "shape": shape,
-                                             "median_s": timing.median_s, "spread": timing.spread,
-                                             "rounds": timing.rounds, "iterations": timing.iterations}
-
-    def add_training(self, device, net, variant, median_s, batch):
-        self.training[(device, net, variant)] = {"device": device, "net": net, "variant": variant,
-                                                 "median_s": median_s, "batch": batch}
-
-    # --- lookups ---
-    def t(self, device, dtype, shape, gran, layout, impl, pass_):
-        rec = self.rec(device, dtype, shape, gran, layout, impl, pass_)
-        return rec["median_s"] if rec else None
-
-    def rec(self, device, dtype, shape, gran, layout, impl, pass_):
-        """The record of a kernel figure; relu and copy (one backward, no step) by their own keys."""
-        if impl == "relu":
-            gran, pass_ = "pc", FLOOR_PASS[pass_]
-        elif impl == "copy":
-            gran, layout, pass_ = None, None, FLOOR_PASS[pass_]
-        return self.kernels.get((device, dtype, shape, gran, layout, impl, pass_))
-
-    def groups(self):
-        """The (device, dtype) pairs with results, CPU first."""
-        seen = sorted({(k[0], k[1]) for k in self.kernels} | {(k[0], "f32") for k in self.training})
-        return sorted(seen, key=lambda g: (g[0] != "cpu", g[0], ["f32", "bf16", "f16"].index(g[1])))
-
-
-def _dt(dtype):
-    return {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
 
 
 # --- formatting ---
@@ -189,17 +123,6 @@ def copy_table(col, device, dtype):
     return header, rows
 
 
-def overhead(col, device, net, variant, compiled=False):
-    """Paired overhead when measured (robust to drifting load), else the ratio of the medians."""
-    rec = col.overheads.get((device, net, variant, compiled))
-    if rec:
-        return rec["overhead"]
-    if compiled:
-        return None
-    relu, dqa = col.training.get((device, net, "relu")), col.training.get((device, net, variant))
-    return dqa["median_s"] / relu["median_s"] - 1 if relu and dqa else None
-
-
 def _overhead_cell(col, device, net, variant, compiled):
     rec = col.overheads.get((device, net, variant, compiled))
     if rec is None:
@@ -225,10 +148,6 @@ def training_rows(col, device):
     return header, rows
 
 
-CALL_IMPLS = {"torch.relu": "torch.relu (function)", "nn.ReLU": "nn.ReLU (module)",
-              "dqa_fixed": "DQAReLU fixed", "dqa_dynamic": "DQAReLU dynamic"}
-
-
 def call_rows(col, device):
     header = ["pass"] + [f"{name}" for name in CALL_IMPLS.values()] + ["fixed / torch.relu", "dynamic / torch.relu",
                                                                         "fixed / nn.ReLU", "dynamic / nn.ReLU"]
@@ -248,142 +167,6 @@ def call_rows(col, device):
             cells.append(fmt_x(_ratio(t[dqa], t[base])))
         rows.append(cells)
     return header, rows
-
-
-def call_ratio(col, device, impl, base, pass_="fwdbwd"):
-    a, b = col.calls.get((device, impl, pass_)), col.calls.get((device, base, pass_))
-    return a["median_s"] / b["median_s"] if a and b else None
-
-
-# --- targets ---
-
-def _target(name, value, limit, better, unit="x"):
-    """better: 'le' (value <= limit) or 'ge' (value >= limit) or 'gt'."""
-    if value is None:
-        return {"target": name, "value": None, "limit": limit, "status": "not measured", "by": ""}
-    ok = {"le": value <= limit, "ge": value >= limit, "gt": value > limit}[better]
-    by = ""
-    if not ok:
-        need = value / limit if better == "le" else limit / value
-        by = f"ext must get {need - 1:.0%} faster" if unit in ("x", "%copy") else f"{value - limit:+.1%} over"
-    shown = f"{value:.0%}" if unit == "%copy" else (f"{value:+.1%}" if unit == "%" else f"{value:.2f}x")
-    return {"target": name, "value": value, "shown": shown, "limit": limit,
-            "status": "met" if ok else "MISSED", "by": by}
-
-
-def targets(col, device):
-    k = lambda dtype, impl, p: col.t(device, dtype, KEY_SHAPE, "pc", "nchw", impl, p)  # noqa: E731
-    key = f"[{','.join(map(str, SHAPES[KEY_SHAPE][0]))}] per-channel NCHW"
-    out = []
-    if device == "cpu":
-        out.append(_target(f"f32 {key} fwd: ext time / relu time <= 1.3",
-                           _ratio(k("f32", "ext", "fwd"), k("f32", "relu", "fwd")), 1.3, "le"))
-        for peer, limit, better in (("eager", 10, "ge"), ("torch_fq", 5, "ge"), ("compile", 1, "gt")):
-            out.append(_target(f"f32 {key} fwd+bwd: speed-up over {peer} {'>' if better == 'gt' else '>='} {limit}",
-                               _ratio(k("f32", peer, "fwdbwd"), k("f32", "ext", "fwdbwd")), limit, better))
-        for impl in ("dqa_fixed", "dqa_dynamic"):
-            out.append(_target(f"{CALL_IMPLS[impl]} fwd+bwd on a small tensor: time / torch.relu's <= 1.5",
-                               call_ratio(col, device, impl, "torch.relu"), 1.5, "le"))
-        eager_limit = compiled_limit = 0.05
-    else:
-        dims = ",".join(map(str, SHAPES[KEY_SHAPE][0]))
-        # The bandwidth targets hold in every dtype, layout and granularity of the key shape.
-        for dtype in ("f32", "f16", "bf16"):
-            for layout in ("nchw", "cl"):
-                for gran in ("pc", "pt"):
-                    for p, limit in (("fwd", 0.85), ("bwd_step", 0.80)):
-                        ext = col.t(device, dtype, KEY_SHAPE, gran, layout, "ext", p)
-                        out.append(_target(f"{dtype} [{dims}] {gran} {layout} {p}: fraction of copy bandwidth "
-                                           f">= {limit:.0%}", _ratio(k(dtype, "copy", p), ext), limit, "ge", "%copy"))
-        for dtype in ("f32", "f16", "bf16"):
-            out.append(_target(f"{dtype} {key} bwd: speed-up over torch_fq backward >= 2",
-                               _ratio(k(dtype, "torch_fq", "bwd_step"), k(dtype, "ext", "bwd_step")), 2, "ge"))
-            out.append(_target(f"{dtype} {key} fwd+bwd: speed-up over compile > 1",
-                               _ratio(k(dtype, "compile", "fwdbwd"), k(dtype, "ext", "fwdbwd")), 1, "gt"))
-        for impl in ("dqa_fixed", "dqa_dynamic"):
-            out.append(_target(f"{CALL_IMPLS[impl]} fwd+bwd on a small tensor (host time): "
-                               "time / torch.relu's <= 1.3", call_ratio(col, device, impl, "torch.relu"), 1.3, "le"))
-        eager_limit, compiled_limit = 0.10, 0.05
-    for net in ("mnist_cnn", "resnet20"):
-        for variant in ("dqa_dynamic", "dqa_fixed"):
-            out.append(_target(f"{net} eager training step, {CALL_IMPLS[variant]} vs nn.ReLU: overhead <= "
-                               f"{eager_limit:.0%}", overhead(col, device, net, variant), eager_limit, "le", "%"))
-        out.append(_target(f"{net} compiled training step, DQAReLU dynamic vs nn.ReLU: overhead <= "
-                           f"{compiled_limit:.0%}", overhead(col, device, net, "dqa_dynamic", True),
-                           compiled_limit, "le", "%"))
-    return out
-
-
-def targets_table(rows):
-    return (["target", "measured", "status", "missed by"],
-            [[r["target"], r.get("shown", "-"), r["status"], r["by"]] for r in rows])
-
-
-# --- the machine ---
-
-def _slug(text):
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_name(device):
-    if device == "cuda":
-        return "cuda-" + _slug(torch.cuda.get_device_name())
-    model = re.sub(r"\((r|tm)\)|\bcpu\b|@.*", "", cpu_model(), flags=re.I)
-    return f"cpu-{_slug(model)}-{torch.get_num_threads()}t"
-
-
-def device_text(device):
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        return (f"{p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
-                f"driver {_driver_version()}, CUDA {torch.version.cuda}")
-    return f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
-
-
-def _driver_version():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment(device, settings):
-    try:
-        import dqa_ext
-
-        info = {**dqa_ext.backend_info(), "benchmarked_backend": "extension (forced for each benchmark)"}
-    except Exception as exc:  # report it rather than lose the results
-        info = {"error": repr(exc)}
-    return {"machine": machine_name(device), "device": device_text(device),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "load_average": _loadavg(), "dqa_ext": info, **settings}
-
-
-def _busy(env):
-    """Other work ran: load before the suite started, or beyond the suite's own threads at its end."""
-    start, end = (env.get("load_start") or [0])[0], (env.get("load_average") or [0])[0]
-    return start > 0.7 or end > torch.get_num_threads() + 0.7
-
-
-def _loadavg():
-    """1/5/15-minute load averages at the end of the run: timings on a busy machine are noisy."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # --- output ---
@@ -480,9 +263,4 @@ def write_results(col, env_by_device, results_dir=RESULTS_DIR):
         written += [results_dir / f"{name}.md", results_dir / f"{name}.json"]
     return written
 
-
-def devices_of(col):
-    found = ({k[0] for k in col.kernels} | {k[0] for k in col.training} | {k[0] for k in col.overheads}
-             | {k[0] for k in col.calls})
-    return sorted(found, key=lambda d: d != "cpu")
 

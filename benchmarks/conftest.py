@@ -11,7 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import _machine  # noqa: E402
 import _measure  # noqa: E402
+import _records  # noqa: E402
 import _summary  # noqa: E402
 import _cases  # noqa: E402
 from _cases import InputCache  # noqa: E402
@@ -44,7 +46,7 @@ class Bench:
 
     def __init__(self, config):
         self.budget_s = config.getoption("bench_budget")
-        self.results = _summary.Collector()
+        self.results = _records.Collector()
         self.rounds = _measure.CaseRounds(
             self.budget_s, lambda spec, timing, extra: self.results.add_kernel(spec, timing, *extra))
         self.inputs = InputCache()
@@ -108,13 +110,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     finally:
         _backend.set_backend(before)
     col = b.results
-    devices = _summary.devices_of(col)
+    devices = _records.devices_of(col)
     if not devices:
         return
     elapsed = time.perf_counter() - b.started
     settings = {"command": "pytest " + shlex.join(config.invocation_params.args), "budget_s": b.budget_s,
                 "elapsed_s": elapsed, "load_start": b.load_start}
-    envs = {d: _summary.environment(d, settings) for d in devices}
+    envs = {d: _machine.environment(d, settings) for d in devices}
     tr = terminalreporter
     tr.write_sep("=", "dqa_ext benchmark summary")
     for d in devices:

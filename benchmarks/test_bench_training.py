@@ -8,32 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dqa_ext
+
 import _cases
 from _measure import measure
+from _training import NETS, VARIANTS, build, train_step
 
-# input shape, batch per device: ResNet-20 trains at batch 256 on a GPU (the GPU targets),
-# 128 on a CPU (a step of seconds on 2 cores).
-NETS = {"mnist_cnn": ((1, 28, 28), {"cpu": 256, "cuda": 256}),
-        "resnet20": ((3, 32, 32), {"cpu": 128, "cuda": 256})}
-VARIANTS = {"relu": "relu", "dqa_dynamic": "dqa2", "dqa_fixed": "fixed2"}
 TRAIN_BUDGET_FACTOR = 10  # a training step is one number per network: give it more rounds
 CASES = [(d, n, v) for d in ("cpu", "cuda") for n in NETS for v in VARIANTS]
 
 
 def _build(net, variant, device):
-    from dqa_ext.robust.models import build_model, materialize
-
-    shape, batches = NETS[net]
-    batch = batches[torch.device(device).type]
-    batch = min(batch, _cases.PARITY_BATCH or batch)  # parity-only runs: a small batch
-    torch.manual_seed(0)
-    model = build_model(net, VARIANTS[variant], input_shape=shape).to(device).train()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand((batch, *shape), generator=gen).to(device)
-    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
-    materialize(model, x)  # lazy DQA steps exist before the optimizer is built
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    return model, opt, x, y
+    batch = NETS[net][1][torch.device(device).type]
+    return build(net, variant, device, min(batch, _cases.PARITY_BATCH or batch))  # parity runs: small
 
 
 def _check_dqa_layers(model, x, y):
@@ -41,7 +28,7 @@ def _check_dqa_layers(model, x, y):
     reference's (bitwise), and its step gradient matches within summation-order tolerance."""
     from dqa_ext import reference
 
-    mods = [m for m in model.modules() if type(m).__name__ == "DQAReLU"]
+    mods = [m for m in model.modules() if isinstance(m, dqa_ext.DQAReLU)]
     assert mods, "convert left no DQAReLU in the model"
     seen, hooks = {}, []
     for m in mods:
@@ -74,16 +61,6 @@ def _check_dqa_layers(model, x, y):
     model.zero_grad(set_to_none=True)
 
 
-def _train_step(model, opt, x, y):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-    return step
-
-
 @pytest.mark.parametrize("device,net,variant", CASES, ids=[f"{d}-{n}-{v}" for d, n, v in CASES])
 def test_training_step(device, net, variant, benchmark, bench):
     if device == "cuda" and not torch.cuda.is_available():
@@ -93,10 +70,10 @@ def test_training_step(device, net, variant, benchmark, bench):
     if variant != "relu":
         _check_dqa_layers(model, x, y)
 
-    train_step = _train_step(model, opt, x, y)
-    loss = train_step()
+    step = train_step(model, opt, x, y)
+    loss = step()
     assert torch.isfinite(loss), f"{net}/{variant}: loss {loss.item()}"
-    median = measure(benchmark, train_step, device, bench.budget_s * TRAIN_BUDGET_FACTOR)
+    median = measure(benchmark, step, device, bench.budget_s * TRAIN_BUDGET_FACTOR)
     if median is not None:
         bench.results.add_training(device, net, variant, median, x.shape[0])
 
@@ -122,7 +99,7 @@ def test_training_overhead(device, net, compiled, benchmark, bench):
     steps = {}
     for v in VARIANTS:
         model, opt, x, y = _build(net, v, device)
-        steps[v] = _train_step(torch.compile(model) if compiled else model, opt, x, y)
+        steps[v] = train_step(torch.compile(model) if compiled else model, opt, x, y)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for step in steps.values():  # warm-up: compilation, optimizer state, allocator
         for _ in range(3):

@@ -23,29 +23,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-NET, INPUT, BATCH = "resnet20", (3, 32, 32), 256
-VARIANTS = {"relu": "relu", "dqa_fixed": "fixed2", "dqa_dynamic": "dqa2"}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _training import VARIANTS, train_step  # noqa: E402  (the model and step the benchmarks time)
+from _training import build as build_net  # noqa: E402
+
+NET, BATCH = "resnet20", 256
 
 
 def build(variant, device):
-    from dqa_ext.robust.models import build_model, materialize
-
-    torch.manual_seed(0)
-    model = build_model(NET, VARIANTS[variant], input_shape=INPUT).to(device).train()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand((BATCH, *INPUT), generator=gen).to(device)
-    y = torch.randint(0, 10, (BATCH,), generator=gen).to(device)
-    materialize(model, x)  # lazy DQA steps exist before the optimizer
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    return model, opt, x, y
+    return build_net(NET, variant, device, BATCH)
 
 
 def eager_step(model, opt, x, y):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return step
+    return train_step(model, opt, x, y)
 
 
 def compiled_step(model, opt, x, y):
