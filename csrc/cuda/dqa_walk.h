@@ -37,7 +37,8 @@ struct Divider {
 // tensor and only its last vector may be partial. When a channel is contiguous (C == 1 or
 // outer == 1) the walk describes it as rows of one element (inner 1, row_stride 1, c_stride the
 // real inner): element k at c * c_stride + k, no wrap. Otherwise inner < 2**31 (the planner sends
-// longer rows to the tiles), so the row cursor is 32-bit.
+// longer rows to the tiles), so the row cursor is 32-bit and unsigned: i and gi are below inner,
+// so i + gi < 2**32 (as int it would pass 2**31 for rows over 2**30 and skip the wrap).
 struct RowsWalk {
   int64_t C;
   int64_t inner;
@@ -68,9 +69,9 @@ DQA_HD void walk_channel_rows(const RowsWalk& w, int64_t tid, int64_t c, Pair&& 
   const int64_t first = tid * VEC;
   if (first >= w.per_channel) return;
   const int64_t o = w.by_inner.div(first);
-  const int inner = static_cast<int>(w.inner);
-  const int gi = static_cast<int>(w.gi);
-  int i = static_cast<int>(first - o * w.inner);
+  const unsigned inner = static_cast<unsigned>(w.inner);
+  const unsigned gi = static_cast<unsigned>(w.gi);
+  unsigned i = static_cast<unsigned>(first - o * w.inner);
   int64_t e = o * w.row_stride + c * w.c_stride + i;
   const int64_t span = w.per_channel - first;
   const int64_t n = w.by_g.div(span - 1) + 1;  // this thread's vectors

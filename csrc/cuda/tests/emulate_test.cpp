@@ -580,8 +580,18 @@ template <int VEC>
 void sampled_rows(const Case& k, Checker& check, const RowsWalk& w, int64_t nthreads, const char* what) {
   const Shape& s = k.shape;
   const int64_t nvec = (w.per_channel + VEC - 1) / VEC;
-  for (int64_t c : {int64_t{0}, s.channels / 2, s.channels - 1}) {
-    for (int64_t tid : {int64_t{0}, nthreads / 3, nthreads - 1}) {
+  // The edges, a few threads at random, and the owners of the vectors that end rows 0 and 1 (the
+  // row cursor is then at its largest before a wrap).
+  std::vector<int64_t> tids = {0, nthreads / 3, nthreads - 1};
+  std::mt19937_64 rng(uint64_t(nthreads) * 31 + uint64_t(s.inner));
+  for (int r = 0; r < 4; ++r) tids.push_back(int64_t(rng() % uint64_t(nthreads)));
+  if (s.channels > 1) {
+    for (int64_t row = 1; row <= 2; ++row) tids.push_back((row * s.inner / VEC - 1) % nthreads);
+  }
+  std::vector<int64_t> chans = {0, s.channels / 2, s.channels - 1};
+  chans.erase(std::unique(chans.begin(), chans.end()), chans.end());
+  for (int64_t c : chans) {
+    for (int64_t tid : tids) {
       std::vector<int64_t> seen;
       walk_channel_rows<VEC, kNoChunks>(
           w, tid, c,
@@ -594,8 +604,7 @@ void sampled_rows(const Case& k, Checker& check, const RowsWalk& w, int64_t nthr
       for (int64_t v = tid; v < nvec; v += nthreads) {
         want.push_back(s.channels == 1 ? v * VEC : channel_element(s, c, v * VEC));
       }
-      std::sort(seen.begin(), seen.end());
-      std::sort(want.begin(), want.end());
+      if (!std::is_sorted(seen.begin(), seen.end())) std::sort(seen.begin(), seen.end());
       check(seen == want, what, tid, c);
     }
   }
@@ -712,7 +721,12 @@ int main(int argc, char** argv) {
   // More than 2**31 elements (the CUDA tests' shapes and larger), sampled threads only.
   const Shape big[] = {{518217, 4144, 1}, {1025, 8, 1 << 18}, {1, 1, (int64_t{1} << 31) + (1 << 21)},
                        {1, 1, int64_t{1} << 33}, {3, 70000, 1 << 14}, {1 << 16, 3, 16385},
-                       {1 << 20, 4096, 1}, {1 << 25, 16, 8}, {2, 2, (int64_t{1} << 31) + 16}};
+                       {1 << 20, 4096, 1}, {1 << 25, 16, 8}, {2, 2, (int64_t{1} << 31) + 16},
+                       // Rows of 2**30 to 2**31 - 1 elements, several per channel: the row cursor
+                       // plus the grid stride passes 2**31 before it wraps.
+                       {2, 2, 1500000000}, {3, 2, 1500000000}, {2, 2, (int64_t{1} << 31) - 8},
+                       {3, 2, (int64_t{1} << 31) - 8}, {2, 2, (int64_t{1} << 31) - 1},
+                       {3, 2, (int64_t{1} << 31) - 1}, {2, 3, (int64_t{1} << 30) + 8}};
   for (const Shape& s : big) {
     for (DType d : dtypes) {
       for (int sm : {1, 132}) run_sampled({s, d, 0, 0, 0, sm, 8});

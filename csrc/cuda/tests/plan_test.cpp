@@ -235,9 +235,10 @@ void divider_matches_division() {
   for (int64_t d : edges) {
     for (int64_t k : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{1000}, (int64_t{1} << 31) / d + 1,
                       (int64_t{1} << 62) / d}) {
+      int64_t kd = 0;
+      if (__builtin_mul_overflow(k, d, &kd)) continue;
       for (int64_t delta : {-1, 0, 1}) {
-        const int64_t n = k * d + delta;
-        if (n >= 0) one(d, n);
+        if (!(delta > 0 && kd == INT64_MAX) && kd + delta >= 0) one(d, kd + delta);
       }
     }
   }
