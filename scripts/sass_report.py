@@ -10,8 +10,9 @@ Per element = hot instructions of one iteration of the main loop / the elements 
 (two vectors of VEC, or more where ptxas unrolled the loop). Hot: every instruction between the loop's head and its back-edge branch, except the
 blocks that a branch skips to call the division's slow path (nvcc's IEEE division calls a
 subroutine only when FCHK finds an operand out of range: denormals, infinities, huge ratios).
---check fails (exit 1) on a spill, on a budgeted kernel whose main loop is not found, or on one
-over its budget (BUDGETS). docs/cuda.md says how to read the report.
+--check fails (exit 1) on a spill, on a budgeted kernel whose main loop is not found, on one
+over its budget (BUDGETS), or on a backward whose counter arrivals are not fenced atomicIncs
+(ARRIVING). docs/cuda.md says how to read the report.
 
 Registers, stack and shared memory come from the cubin (cuobjdump -res-usage), spill bytes from
 ptxas -v. Tools: nvcc from CUDA_HOME or PATH; cuobjdump and nvdisasm from this Python's
@@ -265,6 +266,7 @@ def analyse(arch, units, nvcc, nvdisasm, cuobjdump, tmp):
             row.update(regs=regs, spill_stores=st, spill_loads=ld, stack=max(frame, stack), local=local,
                        shared=shared)
             func = funcs.get(name)
+            row["order"] = arrival_problems(func) if func and kernel in ARRIVING else []
             loop = main_loop(func, marks) if func and m else None
             if loop:
                 hot, static = hot_instructions(func, *loop)
@@ -274,6 +276,33 @@ def analyse(arch, units, nvcc, nvdisasm, cuobjdump, tmp):
                                per_element=len(hot) / per_iter)
             rows.append(row)
     return rows
+
+
+# The fused finalize's arrivals (dqa_backward.cu's KernelFinalize::arrive), in the kernels that
+# have one: each atomic is atomicInc (it wraps the counter back to zero: no reset store), after a
+# fence with no barrier between them (release) and followed by a fence before the next barrier
+# (acquire).
+ARRIVING = ("grad_rows_kernel", "grad_tiles_kernel")
+
+
+def arrival_problems(func):
+    """What is wrong with the function's arrivals at the counters ([] when nothing)."""
+    instrs = func["instrs"]
+    atomics = [k for k, i in enumerate(instrs) if i["op"].startswith(("ATOM", "RED"))]
+    if not atomics:
+        return ["no arrival at a counter (atomicInc) found"]
+    bad = []
+    for k in atomics:
+        op = instrs[k]["op"]
+        if ".INC" not in op:
+            bad.append(f"arrival by {op}, not atomicInc")
+        before = next((i["op"] for i in reversed(instrs[:k]) if i["op"].startswith(("MEMBAR", "BAR"))), "")
+        after = next((i["op"] for i in instrs[k + 1:] if i["op"].startswith(("MEMBAR", "BAR"))), "")
+        if not before.startswith("MEMBAR"):
+            bad.append(f"{op} at {instrs[k]['addr']:#x} without a fence after the barrier (release)")
+        if not after.startswith("MEMBAR"):
+            bad.append(f"{op} at {instrs[k]['addr']:#x} without a fence before the barrier (acquire)")
+    return bad
 
 
 def variant(row):
@@ -319,6 +348,7 @@ def problems(rows):
         # it is called (operands out of the fast range): reported, not a spill.
         if r["spill_stores"] or r["spill_loads"] or r["local"]:
             bad.append(f"{name}: spills {r['spill_stores']}/{r['spill_loads']} bytes, local {r['local']}")
+        bad.extend(f"{name}: {p}" for p in r.get("order", []))
         limit = REGISTER_LIMITS.get(r["kernel"])
         if limit and (r["regs"] is None or r["regs"] > limit):
             bad.append(f"{name}: {r['regs']} registers > {limit}")
