@@ -4,7 +4,8 @@
 #     alone with the C++ compiler, their unit tests (csrc/cuda/tests/plan_test.cpp), the
 #     emulation of the kernels' index arithmetic over many shapes, alignments, dtypes, SM counts
 #     and block arrival orders (emulate_test.cpp), and the proof of the kernels' fast exact
-#     division (divide_test.cpp); then the same programs built with -fsanitize=undefined;
+#     division (divide_test.cpp); then the same programs built with -fsanitize=undefined, and the
+#     planner tests with -fsanitize=address too;
 #  2. every csrc/cuda/*.cu compiled alone with nvcc (no torch) with the flags torch's build uses,
 #     for sm_80 and sm_90, by scripts/sass_report.py: registers, spills and the SASS
 #     instructions per element of every kernel's main loop, against the budgets there (fails on
@@ -62,12 +63,27 @@ host_programs() {
 echo "== host planner, emulation, division proof ($("$cxx" --version | head -n 1))"
 host_programs plain "${DQA_EMULATE_CASES:-3000}" 24 "${host_flags[@]}"
 # The same programs under UBSan (signed overflow in the index arithmetic aborts them), with
-# fewer random cases and sampled divisors: about 15 s.
-if "$cxx" -fsanitize=undefined -x c++ - -o "$tmp/ubsan_probe" <<<'int main() { return 0; }' 2>/dev/null; then
+# fewer random cases and sampled divisors (about 15 s), and the planner tests under ASan too
+# (the counter slots' table must survive static destruction: a CUDA thread may release a slot
+# while the process exits). The emulation under ASan would take a minute: not here.
+sanitized=("${host_flags[@]/-O2/-O1}" -g -fno-sanitize-recover=all)
+probe() { "$cxx" "$@" -x c++ - -o "$tmp/probe" <<<'int main() { return 0; }' 2>/dev/null; }
+if probe -fsanitize=undefined; then
   echo "== the same under -fsanitize=undefined"
-  host_programs ubsan 400 1 "${host_flags[@]/-O2/-O1}" -g -fsanitize=undefined -fno-sanitize-recover=all
+  host_programs ubsan 400 1 "${sanitized[@]}" -fsanitize=undefined
 else
   echo "check_cuda_kernels: $cxx cannot link -fsanitize=undefined here: the UBSan run is skipped"
+fi
+if probe -fsanitize=address,undefined; then
+  if "$cxx" "${sanitized[@]}" -fsanitize=address,undefined csrc/cuda/dqa_plan.cpp csrc/cuda/dqa_counters.cpp \
+       csrc/cuda/tests/plan_test.cpp -pthread -o "$tmp/plan_test_asan"; then
+    "$tmp/plan_test_asan" || { echo "check_cuda_kernels: planner tests FAILED (asan)" >&2; status=1; }
+  else
+    echo "check_cuda_kernels: FAILED to compile the planner tests (asan)" >&2
+    status=1
+  fi
+else
+  echo "check_cuda_kernels: $cxx cannot link -fsanitize=address here: the ASan run is skipped"
 fi
 
 # ---- 2. the kernel units with nvcc ----

@@ -327,11 +327,39 @@ cudaError_t with_packed(bool packed, F&& f) {
 struct SlotRelease {
   int device;
   int slot;
+  unsigned long long token;
 };
 void CUDART_CB release_captured_slot(void* data) {
   const SlotRelease* r = static_cast<const SlotRelease*>(data);
-  release_slot(r->device, r->slot);
+  release_slot(r->device, r->slot, r->token);
   delete r;
+}
+
+// The slot of a capture's launches on this stream, tied to the graph being captured; -1 (fuse
+// nothing) when it cannot be tied.
+int captured_slot(int device, cudaStream_t stream, unsigned long long capture, cudaGraph_t graph) {
+  // cudaStreamPerThread is another stream in each thread: no key tells them apart here.
+  if (graph == nullptr || stream == cudaStreamPerThread) return -1;
+  const SlotGrant g = counter_slot(device, SlotKey::kCapture, capture, reinterpret_cast<uintptr_t>(stream));
+  if (g.slot < 0 || !g.fresh) return g.slot;
+  SlotRelease* r = new SlotRelease{device, g.slot, g.token};
+  cudaUserObject_t object = nullptr;
+  if (cudaUserObjectCreate(&object, r, release_captured_slot, 1, cudaUserObjectNoDestructorSync) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();  // ours: the launch must not report it
+    delete r;
+    release_slot(device, g.slot, g.token);
+    return -1;
+  }
+  if (cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove) != cudaSuccess) {
+    (void)cudaGetLastError();
+    // Given back now, so that a later launch of this capture takes (and ties) a fresh grant; the
+    // destructor, whenever CUDA runs it, then finds its token stale and does nothing.
+    release_slot(device, g.slot, g.token);
+    cudaUserObjectRelease(object, 1);
+    return -1;
+  }
+  return g.slot;
 }
 
 // The counter slot of launches on this stream (and capture): see dqa_counters.h; -1 for none.
@@ -346,26 +374,16 @@ int slot_for(cudaStream_t stream) {
     return -1;
   }
   if (status == cudaStreamCaptureStatusInvalidated) return -1;
-  const bool capturing = status == cudaStreamCaptureStatusActive;
-  const SlotGrant g = counter_slot(device, reinterpret_cast<uintptr_t>(stream), capturing ? capture : 0ull);
-  if (g.slot < 0 || !g.fresh || !capturing) return g.slot;
-  // Tie the slot to the graph being captured; without that, give it back and fuse nothing.
-  SlotRelease* r = new SlotRelease{device, g.slot};
-  cudaUserObject_t object = nullptr;
-  if (graph == nullptr ||
-      cudaUserObjectCreate(&object, r, release_captured_slot, 1, cudaUserObjectNoDestructorSync) !=
-          cudaSuccess) {
+  if (status == cudaStreamCaptureStatusActive) return captured_slot(device, stream, capture, graph);
+  // Eager: the stream's unique id (not its handle, which a new stream may reuse, and which means
+  // another stream in each thread for cudaStreamPerThread). Not asked while capturing: a
+  // capturing stream does not support it.
+  unsigned long long id = 0;
+  if (cudaStreamGetId(stream, &id) != cudaSuccess) {
     (void)cudaGetLastError();
-    delete r;
-    release_slot(device, g.slot);
     return -1;
   }
-  if (cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove) != cudaSuccess) {
-    (void)cudaGetLastError();
-    cudaUserObjectRelease(object, 1);  // runs the destructor: the slot is given back
-    return -1;
-  }
-  return g.slot;
+  return counter_slot(device, SlotKey::kEager, id, 0).slot;
 }
 
 }  // namespace

@@ -10,7 +10,7 @@
 
 #include "../dqa_math.h"  // DQA_HD
 
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)  // the device pass only: host compilers do not know the pragma
 #define DQA_UNROLL _Pragma("unroll")
 #else
 #define DQA_UNROLL

@@ -210,9 +210,9 @@ def _backward(x, dy, step):
 
 
 def test_fused_finalize_matches_its_fallback():
-    """Every capture takes a counter slot of its own; after 64 the slots are gone and captured
-    launches run the separate finalize, which sums in the same order: every replay's dstep has
-    the bits of the eager (fused) one."""
+    """Every capture takes a counter slot of its own; once the 64 slots are gone (fewer where
+    eager streams hold some) captured launches run the separate finalize, which sums in the same
+    order: every replay's dstep has the bits of the eager (fused) one."""
     cases = [
         (data((8, 16, 40, 40), torch.float32), steps(16)),              # rows, one group
         (data((1, 1, 300000), torch.float32), steps(1)),                # rows, 3 groups
@@ -240,8 +240,8 @@ def test_fused_finalize_matches_its_fallback():
 
 
 def test_graph_replays_leave_the_counters_at_zero():
-    """A captured backward replayed with new inputs each time equals the eager one: the block
-    that arrives last resets every counter, so the next replay starts from zero."""
+    """A captured backward replayed with new inputs each time equals the eager one: the last
+    arrival at each counter wraps it back to zero (atomicInc), so the next replay starts there."""
     x = data((1, 1, 300000), torch.float16)
     xs = data((16, 32, 24, 24), torch.float32).contiguous(memory_format=torch.channels_last)  # 36 row blocks
     dy, dys = torch.randn_like(x), torch.randn_like(xs)
