@@ -206,18 +206,18 @@ __global__ void __launch_bounds__(kThreads, kTiledBackwardMinBlocks)
   volatile double* mine = smem + ty * row_len + tx * VEC;
   float s[VEC];
   float rcp[VEC];
-  float lo = 0.f;  // one range for the thread: the fast division only if every step allows it
+  float hi = INFINITY;  // one range for the thread: the fast division only if every step allows it
   float acc[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const Divisor d = make_divisor(active ? load_step(step, by_inner.div(col + j), min_step) : 1.f);
     s[j] = d.s;
     rcp[j] = d.r;
-    lo = fmaxf(lo, d.lo);
+    hi = fminf(hi, d.hi);
     acc[j] = 0.f;
     mine[j] = 0.0;
   }
-  const auto div_of = [&](int j) { return Divisor{s[j], rcp[j], lo}; };
+  const auto div_of = [&](int j) { return Divisor{s[j], rcp[j], hi}; };
   if (active) {
     const auto add = [&](int i, float t) { acc[i % VEC] = __fadd_rn(acc[i % VEC], t); };
     walk_tile_rows<kTiledRowsInFlight, kTilesGroupsPerFlush>(

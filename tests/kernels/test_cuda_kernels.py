@@ -288,8 +288,9 @@ def test_concurrent_streams_do_not_share_counters():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_division_special_values(dtype):
-    """The fast division's guard sends zeros (both signs), infinities, NaN, subnormals and
-    extreme ratios to the IEEE division: y and dx keep their bits, the sign of zero included."""
+    """The fast division keeps zeros (both signs) and its guard sends infinities, NaN,
+    subnormals and extreme ratios to the IEEE division: y and dx keep their bits, the sign of
+    zero included."""
     tiny = torch.finfo(torch.float32).tiny
     special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), tiny / 4, -tiny / 8,
                             3e38, -3e38, 1e-30, 2.0**60, 2.0**-60, 2.0**61, 1.5, -2.5, 7.0])
@@ -302,6 +303,18 @@ def test_division_special_values(dtype):
     # channel; bad ones (NaN, negative) give NaN for theirs only.
     per_channel = [0.5, 1.0, 2.0**-45, float("nan"), 1e-3, -2.0, 1e20, 0.25]
     check_parity(x, torch.tensor(per_channel, device=DEV), 0, 3, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_like_zeros_keep_their_bits(dtype):
+    """ReLU-like inputs (about half exact zeros, some of them -0) take the fast division: y and
+    dx keep their bits, the sign of zero included, on the rows and the tiles."""
+    x = data((8, 16, 24, 24), dtype)
+    x = torch.where(x > 0, x, torch.zeros_like(x))
+    x[..., ::5] = -0.0
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        check_parity(xx, steps(16), 0, 3, 1, grad_scale=0.5)
+        check_parity(xx, steps(16), -4, 3, 1, need_step_grad=False)
 
 
 def test_dy_with_other_strides_on_size_one_dims():
