@@ -109,14 +109,14 @@ echo "== nvcc: $("$nvcc" --version | tail -n 1)"
 report_args=(--check --nvcc "$nvcc")
 [[ -n "${DQA_SASS_REPORT:-}" ]] && report_args+=(--out "$DQA_SASS_REPORT")
 rc=0
-kernels="kernels within the SASS budgets without spills"
+kernels="kernels within the SASS budgets, without spills, fenced arrivals, IEEE arithmetic"
 "$py" scripts/sass_report.py "${report_args[@]}" >"$tmp/sass.md" 2>"$tmp/sass.err" || rc=$?
 if [[ $rc -eq 0 || $rc -eq 1 ]]; then
   # The table, then the verdict (the report's last lines).
   sed -n '/^| arch/,$p' "$tmp/sass.md"
   cat "$tmp/sass.err" >&2
   if [[ $rc -ne 0 ]]; then
-    echo "check_cuda_kernels: SASS report FAILED (spills or budgets, above)" >&2
+    echo "check_cuda_kernels: SASS report FAILED (spills, budgets, arrivals or arithmetic, above)" >&2
     status=1
   fi
 elif [[ $rc -eq 2 ]]; then
@@ -159,6 +159,6 @@ fi
 if [[ $status -ne 0 ]]; then
   echo "check_cuda_kernels: FAILED" >&2
 else
-  echo "check_cuda_kernels: OK (planner tests, emulation, division proof, $kernels)"
+  echo "check_cuda_kernels: OK (planner tests, emulation, division proof, also under sanitizers; $kernels)"
 fi
 exit $status
