@@ -4,7 +4,8 @@
 #     alone with the C++ compiler, their unit tests (csrc/cuda/tests/plan_test.cpp), the
 #     emulation of the kernels' index arithmetic over many shapes, alignments, dtypes, SM counts
 #     and block arrival orders (emulate_test.cpp), and the proof of the kernels' fast exact
-#     division (divide_test.cpp);
+#     division (divide_test.cpp); then the same programs built with -fsanitize=undefined, and the
+#     planner tests with -fsanitize=address too;
 #  2. every csrc/cuda/*.cu compiled alone with nvcc (no torch) with the flags torch's build uses,
 #     for sm_80 and sm_90, by scripts/sass_report.py: registers, spills and the SASS
 #     instructions per element of every kernel's main loop, against the budgets there (fails on
@@ -39,20 +40,50 @@ if ! command -v "$cxx" >/dev/null 2>&1; then
   exit 1
 fi
 host_flags=(-std=c++17 -O2 -Wall -Wextra -Werror -Icsrc)
+# Builds the planner, the counter slots and the three test programs with the given flags into
+# $tmp/NAME and runs them: host_programs NAME EMULATION_CASES SAMPLED_DIVISORS FLAGS...
+host_programs() {
+  local out="$tmp/$1" cases="$2" divisors="$3"
+  shift 3
+  mkdir -p "$out"
+  if "$cxx" "$@" -c csrc/cuda/dqa_plan.cpp -o "$out/dqa_plan.o" &&
+     "$cxx" "$@" -c csrc/cuda/dqa_counters.cpp -o "$out/dqa_counters.o" &&
+     "$cxx" "$@" csrc/cuda/tests/plan_test.cpp "$out/dqa_plan.o" "$out/dqa_counters.o" \
+       -pthread -o "$out/plan_test" &&
+     "$cxx" "$@" csrc/cuda/tests/emulate_test.cpp "$out/dqa_plan.o" -o "$out/emulate_test" &&
+     "$cxx" "$@" -ffp-contract=off csrc/cuda/tests/divide_test.cpp -o "$out/divide_test"; then
+    "$out/plan_test" || { echo "check_cuda_kernels: planner tests FAILED ($1)" >&2; status=1; }
+    "$out/emulate_test" "$cases" || { echo "check_cuda_kernels: emulation FAILED ($1)" >&2; status=1; }
+    "$out/divide_test" "$divisors" || { echo "check_cuda_kernels: division proof FAILED ($1)" >&2; status=1; }
+  else
+    echo "check_cuda_kernels: FAILED to compile the planner or its tests ($1)" >&2
+    status=1
+  fi
+}
 echo "== host planner, emulation, division proof ($("$cxx" --version | head -n 1))"
-if "$cxx" "${host_flags[@]}" -c csrc/cuda/dqa_plan.cpp -o "$tmp/dqa_plan.o" &&
-   "$cxx" "${host_flags[@]}" -c csrc/cuda/dqa_counters.cpp -o "$tmp/dqa_counters.o" &&
-   "$cxx" "${host_flags[@]}" csrc/cuda/tests/plan_test.cpp "$tmp/dqa_plan.o" "$tmp/dqa_counters.o" \
-     -pthread -o "$tmp/plan_test" &&
-   "$cxx" "${host_flags[@]}" csrc/cuda/tests/emulate_test.cpp "$tmp/dqa_plan.o" -o "$tmp/emulate_test" &&
-   "$cxx" "${host_flags[@]}" -ffp-contract=off csrc/cuda/tests/divide_test.cpp -o "$tmp/divide_test"; then
-  "$tmp/plan_test" || { echo "check_cuda_kernels: planner tests FAILED" >&2; status=1; }
-  "$tmp/emulate_test" "${DQA_EMULATE_CASES:-3000}" ||
-    { echo "check_cuda_kernels: emulation FAILED" >&2; status=1; }
-  "$tmp/divide_test" || { echo "check_cuda_kernels: division proof FAILED" >&2; status=1; }
+host_programs plain "${DQA_EMULATE_CASES:-3000}" 24 "${host_flags[@]}"
+# The same programs under UBSan (signed overflow in the index arithmetic aborts them), with
+# fewer random cases and sampled divisors (about 15 s), and the planner tests under ASan too
+# (the counter slots' table must survive static destruction: a CUDA thread may release a slot
+# while the process exits). The emulation under ASan would take a minute: not here.
+sanitized=("${host_flags[@]/-O2/-O1}" -g -fno-sanitize-recover=all)
+probe() { "$cxx" "$@" -x c++ - -o "$tmp/probe" <<<'int main() { return 0; }' 2>/dev/null; }
+if probe -fsanitize=undefined; then
+  echo "== the same under -fsanitize=undefined"
+  host_programs ubsan 400 1 "${sanitized[@]}" -fsanitize=undefined
 else
-  echo "check_cuda_kernels: FAILED to compile the planner or its tests" >&2
-  status=1
+  echo "check_cuda_kernels: $cxx cannot link -fsanitize=undefined here: the UBSan run is skipped"
+fi
+if probe -fsanitize=address,undefined; then
+  if "$cxx" "${sanitized[@]}" -fsanitize=address,undefined csrc/cuda/dqa_plan.cpp csrc/cuda/dqa_counters.cpp \
+       csrc/cuda/tests/plan_test.cpp -pthread -o "$tmp/plan_test_asan"; then
+    "$tmp/plan_test_asan" || { echo "check_cuda_kernels: planner tests FAILED (asan)" >&2; status=1; }
+  else
+    echo "check_cuda_kernels: FAILED to compile the planner tests (asan)" >&2
+    status=1
+  fi
+else
+  echo "check_cuda_kernels: $cxx cannot link -fsanitize=address here: the ASan run is skipped"
 fi
 
 # ---- 2. the kernel units with nvcc ----
@@ -78,14 +109,14 @@ echo "== nvcc: $("$nvcc" --version | tail -n 1)"
 report_args=(--check --nvcc "$nvcc")
 [[ -n "${DQA_SASS_REPORT:-}" ]] && report_args+=(--out "$DQA_SASS_REPORT")
 rc=0
-kernels="kernels within the SASS budgets without spills"
+kernels="kernels within the SASS budgets, without spills, fenced arrivals, IEEE arithmetic"
 "$py" scripts/sass_report.py "${report_args[@]}" >"$tmp/sass.md" 2>"$tmp/sass.err" || rc=$?
 if [[ $rc -eq 0 || $rc -eq 1 ]]; then
   # The table, then the verdict (the report's last lines).
   sed -n '/^| arch/,$p' "$tmp/sass.md"
   cat "$tmp/sass.err" >&2
   if [[ $rc -ne 0 ]]; then
-    echo "check_cuda_kernels: SASS report FAILED (spills or budgets, above)" >&2
+    echo "check_cuda_kernels: SASS report FAILED (spills, budgets, arrivals or arithmetic, above)" >&2
     status=1
   fi
 elif [[ $rc -eq 2 ]]; then
@@ -128,6 +159,6 @@ fi
 if [[ $status -ne 0 ]]; then
   echo "check_cuda_kernels: FAILED" >&2
 else
-  echo "check_cuda_kernels: OK (planner tests, emulation, division proof, $kernels)"
+  echo "check_cuda_kernels: OK (planner tests, emulation, division proof, also under sanitizers; $kernels)"
 fi
 exit $status

@@ -66,8 +66,9 @@ def case(name, x, step, dim, qmin=0, qmax=3, dy=None):
 
 
 def separate_finalize_after_the_slots():
-    """Each capture takes a counter slot; captured launches beyond the 64 slots run the separate
-    finalize: the last of 70 captures, replayed, against the reference."""
+    """Each capture takes a counter slot; captured launches beyond the 64 slots (fewer where eager
+    streams hold some) run the separate finalize: the last of 70 captures, replayed, against the
+    reference."""
     x = data((1, 1, 300000), torch.float32)
     dy, step = torch.randn_like(x), steps(1)
     ops.fake_quantize_backward(dy, x, step, 0, 3, 0, 0.5, True)  # warm-up outside the captures

@@ -10,8 +10,11 @@ Per element = hot instructions of one iteration of the main loop / the elements 
 (two vectors of VEC, or more where ptxas unrolled the loop). Hot: every instruction between the loop's head and its back-edge branch, except the
 blocks that a branch skips to call the division's slow path (nvcc's IEEE division calls a
 subroutine only when FCHK finds an operand out of range: denormals, infinities, huge ratios).
---check fails (exit 1) on a spill, on a budgeted kernel whose main loop is not found, or on one
-over its budget (BUDGETS). docs/cuda.md says how to read the report.
+--check fails (exit 1) on a spill, on a budgeted kernel whose main loop is not found, on one
+over its budget (BUDGETS), on a backward whose counter arrivals are not fenced atomicIncs
+(ARRIVING), or on a kernel whose own code flushes subnormals (.FTZ) or whose fallback division is
+not the IEEE one (DIVIDING: fast math injected by NVCC_APPEND_FLAGS does both). docs/cuda.md says
+how to read the report.
 
 Registers, stack and shared memory come from the cubin (cuobjdump -res-usage), spill bytes from
 ptxas -v. Tools: nvcc from CUDA_HOME or PATH; cuobjdump and nvdisasm from this Python's
@@ -58,6 +61,7 @@ DTYPES = {"f": "f32", "6__half": "f16", "13__nv_bfloat16": "bf16"}
 KERNEL = re.compile(r"\d(?P<name>[a-z_]+_kernel)I(?P<t>f|6__half|13__nv_bfloat16)Li(?P<vec>\d+)ELb(?P<flag>[01])E")
 INSTR = re.compile(r"^\s+/\*(?P<addr>[0-9a-f]{4,})\*/\s+(?P<pred>@!?U?P\w+\s+)?(?P<op>[A-Z][A-Z0-9_.]*)(?P<rest>[^;]*);")
 LABEL = re.compile(r"^(?P<label>\.L_x_\d+):")
+SUBROUTINE = re.compile(r"^(?P<name>\$\S+):$")  # NVIDIA's subroutines (division, rcp slow paths)
 LINE = re.compile(r'^\s*//## File "(?P<file>[^"]+)", line (?P<line>\d+)')
 FUNC = re.compile(r"^\s*\.text\.(?P<name>\S+):$")
 TARGET = re.compile(r"`\((?P<label>\.L_x_\d+)\)")
@@ -143,7 +147,8 @@ def resource_usage(cuobjdump, cubin):
 
 
 def disassemble(nvdisasm, cubin):
-    """mangled name -> list of instructions {addr, pred, op, rest, file, line}, and labels."""
+    """mangled name -> list of instructions {addr, pred, op, rest, file, line, sub}, and labels;
+    sub names the NVIDIA subroutine an instruction belongs to (None: the kernel's own code)."""
     r = subprocess.run([nvdisasm, "-c", "-g", str(cubin)], capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"sass_report: nvdisasm failed on {cubin}:\n{r.stderr[-2000:]}")
@@ -151,11 +156,15 @@ def disassemble(nvdisasm, cubin):
     for line in r.stdout.splitlines():
         m = FUNC.match(line)
         if m:
-            cur = {"instrs": [], "labels": {}, "pending": []}
+            cur = {"instrs": [], "labels": {}, "pending": [], "sub": None}
             funcs[m.group("name")] = cur
             src = (None, None)
             continue
         if cur is None:
+            continue
+        m = SUBROUTINE.match(line)
+        if m:
+            cur["sub"] = m.group("name")
             continue
         m = LINE.match(line)
         if m:
@@ -168,7 +177,8 @@ def disassemble(nvdisasm, cubin):
         m = INSTR.match(line)
         if m:
             ins = {"addr": int(m.group("addr"), 16), "pred": (m.group("pred") or "").strip(),
-                   "op": m.group("op"), "rest": m.group("rest").strip(), "file": src[0], "line": src[1]}
+                   "op": m.group("op"), "rest": m.group("rest").strip(), "file": src[0], "line": src[1],
+                   "sub": cur["sub"]}
             for label in cur["pending"]:
                 cur["labels"][label] = ins["addr"]
             cur["pending"] = []
@@ -265,6 +275,8 @@ def analyse(arch, units, nvcc, nvdisasm, cuobjdump, tmp):
             row.update(regs=regs, spill_stores=st, spill_loads=ld, stack=max(frame, stack), local=local,
                        shared=shared)
             func = funcs.get(name)
+            row["order"] = arrival_problems(func) if func and kernel in ARRIVING else []
+            row["arith"] = arithmetic_problems(func) if func and kernel in DIVIDING else []
             loop = main_loop(func, marks) if func and m else None
             if loop:
                 hot, static = hot_instructions(func, *loop)
@@ -274,6 +286,61 @@ def analyse(arch, units, nvcc, nvdisasm, cuobjdump, tmp):
                                per_element=len(hot) / per_iter)
             rows.append(row)
     return rows
+
+
+# The fused finalize's arrivals (dqa_backward.cu's KernelFinalize::arrive), in the kernels that
+# have one: each atomic is atomicInc (it wraps the counter back to zero: no reset store), after a
+# fence with no barrier between them (release) and followed by a fence before the next barrier
+# (acquire).
+ARRIVING = ("grad_rows_kernel", "grad_tiles_kernel")
+
+
+def arrival_problems(func):
+    """What is wrong with the function's arrivals at the counters ([] when nothing)."""
+    instrs = func["instrs"]
+    atomics = [k for k, i in enumerate(instrs) if i["op"].startswith(("ATOM", "RED"))]
+    if not atomics:
+        return ["no arrival at a counter (atomicInc) found"]
+    bad = []
+    for k in atomics:
+        op = instrs[k]["op"]
+        if ".INC" not in op:
+            bad.append(f"arrival by {op}, not atomicInc")
+        before = next((i["op"] for i in reversed(instrs[:k]) if i["op"].startswith(("MEMBAR", "BAR"))), "")
+        after = next((i["op"] for i in instrs[k + 1:] if i["op"].startswith(("MEMBAR", "BAR"))), "")
+        if not before.startswith("MEMBAR"):
+            bad.append(f"{op} at {instrs[k]['addr']:#x} without a fence after the barrier (release)")
+        if not after.startswith("MEMBAR"):
+            bad.append(f"{op} at {instrs[k]['addr']:#x} without a fence before the barrier (acquire)")
+    return bad
+
+
+# Kernels that divide: bitwise parity needs IEEE float arithmetic in their own code (no .FTZ op:
+# a --use_fast_math or -ftz=true injected by NVCC_APPEND_FLAGS flushes subnormals) and the IEEE
+# division as the fast division's fallback (FCHK, its range check; fast math makes x / s an
+# approximate reciprocal and product without one). NVIDIA's subroutines may use .FTZ inside.
+DIVIDING = ("rows_kernel", "tiles_kernel", "grad_rows_kernel", "grad_tiles_kernel")
+
+
+# __frcp_rn's inline part negates its error term with FADD.FTZ Rd, -Ra, -RZ two instructions
+# after MUFU.RCP (NVIDIA's IEEE reciprocal, left to it).
+RCP_NEGATION = re.compile(r"^R\d+, -R\d+, -RZ$")
+
+
+def arithmetic_problems(func):
+    """What in the function's own code breaks IEEE parity ([] when nothing)."""
+    own = [i for i in func["instrs"] if i["sub"] is None]
+
+    def rcp_negation(k):
+        i = own[k]
+        return (i["op"] == "FADD.FTZ" and RCP_NEGATION.match(i["rest"])
+                and any(j["op"] == "MUFU.RCP" for j in own[max(0, k - 3):k]))
+
+    bad = [f"{i['op']} at {i['addr']:#x} flushes subnormals" for k, i in enumerate(own)
+           if ".FTZ" in i["op"] and not rcp_negation(k)][:3]
+    if not any(i["op"] == "FCHK" for i in own):
+        bad.append("no FCHK: the fallback division is not the IEEE one")
+    return bad
 
 
 def variant(row):
@@ -319,6 +386,7 @@ def problems(rows):
         # it is called (operands out of the fast range): reported, not a spill.
         if r["spill_stores"] or r["spill_loads"] or r["local"]:
             bad.append(f"{name}: spills {r['spill_stores']}/{r['spill_loads']} bytes, local {r['local']}")
+        bad.extend(f"{name}: {p}" for p in r.get("order", []) + r.get("arith", []))
         limit = REGISTER_LIMITS.get(r["kernel"])
         if limit and (r["regs"] is None or r["regs"] > limit):
             bad.append(f"{name}: {r['regs']} registers > {limit}")
@@ -370,6 +438,11 @@ def main():
         + ", ".join(BUDGETED) + " (packed variants): "
         + f"{BUDGET_WIDEST} with 16-byte vectors; narrower, by VEC: "
         + ", ".join(f"{v} elements: {b}" for v, b in BUDGET_NARROWER.items()) + ".",
+        "",
+        "Also checked: in " + ", ".join(ARRIVING) + " every arrival at a counter is an atomicInc "
+        "between two fences (release after the barrier, acquire before the next); in "
+        + ", ".join(DIVIDING) + " no .FTZ operation outside NVIDIA's subroutines (and __frcp_rn's "
+        "negation) and an FCHK, the IEEE division's range check (fast math has neither).",
         "",
         "Result: " + ("within budget, no spills." if not bad else "FAILED: " + "; ".join(bad)),
         "",

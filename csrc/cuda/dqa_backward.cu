@@ -9,7 +9,8 @@
 //                      grad_scale: only when the main kernel could not do it itself.
 // Fused finalize: after writing its partials a block arrives at its group's counter; the last
 // to arrive sums the group, the last group the channel, and writes dstep (dqa_walk.h's
-// reduction). The counters (g_counters) start at zero and every launch leaves them at zero.
+// fused_finalize, which the emulation runs too). The counters (g_counters) start at zero and
+// wrap back to zero at each full set of arrivals (atomicInc), so every launch leaves them there.
 // The partition (VEC, grid, block) comes from plan_backward (dqa_plan.h): a function of shape
 // and dtype. kPacked false (a pointer not aligned to VEC) loads and stores element by element,
 // the same elements in the same order, so the sums are bitwise the same. Each thread's float32
@@ -31,7 +32,7 @@
 namespace dqa_cuda {
 
 // Arrival counters of the fused finalize: kCounterSlots slots of kMaxCounters (dqa_counters.h).
-// Zero when the module loads; each launch resets every counter it used.
+// Zero when the module loads; the last arrival of each full set wraps its counter back to zero.
 __device__ unsigned int g_counters[kCounterSlots * kMaxCounters];
 
 namespace {
@@ -83,82 +84,52 @@ __device__ __forceinline__ void write_dstep(float* __restrict__ dstep, const flo
              dqa::effective_step_grad(__ldg(step + c), min_step);
 }
 
-// Fused finalize, by every thread of a block that has written the partials m of the K channels
-// channel_of(0 .. K-1) of domain d (dqa_walk.h). Returns at once unless this block arrives last
-// at its group's counter; then it computes L_g of each channel (one warp per channel, lane l the
-// term m = 32g + l, two channels per warp at a time so their loads are in flight together),
-// and if it arrives last at the domain's counter too, the totals.
-template <typename ChannelOf>
-__device__ void arrive(const ReduceArgs& r, unsigned int* __restrict__ counters, int64_t d,
-                       int64_t m, int K, ChannelOf channel_of, bool wrote_partials,
-                       double* __restrict__ partials, const float* __restrict__ step,
-                       float* __restrict__ dstep, double grad_scale, float min_step) {
-  constexpr int kAtOnce = 2;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int nwarps = blockDim.x >> 5;
-  const int64_t g = m / kGroup;
-  // This block's partials are visible before its arrival: only their writers need the fence
-  // (it waits for the thread's own stores, grad_x's included).
-  if (wrote_partials) __threadfence();
-  __syncthreads();
-  unsigned int* const group_count = counters + group_counter(r, d, g);
-  bool last = threadIdx.x == 0 &&
-              atomicAdd(group_count, 1u) == static_cast<unsigned int>(group_size(r, g) - 1);
-  if (!__syncthreads_or(last)) return;
-  __threadfence();  // and the other blocks' partials are visible to this one
-  for (int k0 = warp * kAtOnce; k0 < K; k0 += nwarps * kAtOnce) {
-    double v[kAtOnce];
-#pragma unroll
-    for (int u = 0; u < kAtOnce; ++u) {
-      const int64_t slot = k0 + u < K ? level1_slot(r, channel_of(k0 + u), g, lane) : -1;
-      v[u] = slot >= 0 ? __ldcg(partials + slot) : 0.0;
+// The fused finalize's platform (dqa_walk.h's fused_finalize): every thread of the block runs it.
+// Arrival, as cooperative groups' grid barrier: the block's writes (partials or level-one sums,
+// by any of its threads) happen before __syncthreads; thread 0 then fences (release, cumulative
+// over what the barrier ordered before it) and increments the counter; if it arrived last it
+// fences again (acquire: the other blocks' writes, released before their increments, are now
+// visible) before __syncthreads_or hands the result to every thread. One fence per block and
+// arrival; the loads after it bypass L1 (__ldcg).
+struct KernelFinalize {
+  using Value = double;
+  unsigned int* counters;  // this launch's slot
+  double* partials;
+  const float* step;
+  float* dstep;
+  double grad_scale;
+  float min_step;
+
+  __device__ __forceinline__ bool arrive(int64_t counter, unsigned limit) const {
+    __syncthreads();
+    bool last = false;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      last = atomicInc(counters + counter, limit) == limit;
+      if (last) __threadfence();
     }
-#pragma unroll
-    for (int u = 0; u < kAtOnce; ++u) {
-      if (k0 + u >= K) break;
-      const int64_t c = channel_of(k0 + u);
-      const double level = warp_sum(v[u]);
-      if (r.groups == 1) {  // the total: 0 + T(L_0, 0, ..., 0)
-        const double t = warp_sum(lane == 0 ? level : 0.0);
-        if (lane == 0) write_dstep(dstep, step, c, 0.0 + t, grad_scale, min_step);
-      } else if (lane == 0) {
-        partials[group_slot(r, c, g)] = level;
-      }
-    }
+    return __syncthreads_or(last);
   }
-  if (threadIdx.x == 0) *group_count = 0u;  // every member has arrived: ready for the next launch
-  if (r.groups == 1) return;
-  __threadfence();
-  __syncthreads();
-  unsigned int* const domain_count = counters + domain_counter(r, d);
-  last = threadIdx.x == 0 &&
-         atomicAdd(domain_count, 1u) == static_cast<unsigned int>(r.groups - 1);
-  if (!__syncthreads_or(last)) return;
-  __threadfence();
-  for (int k0 = warp * kAtOnce; k0 < K; k0 += nwarps * kAtOnce) {
-    double total[kAtOnce];
-#pragma unroll
-    for (int u = 0; u < kAtOnce; ++u) total[u] = 0.0;
-    for (int64_t h = 0; h * kGroup < r.groups; ++h) {
-      double v[kAtOnce];
-#pragma unroll
-      for (int u = 0; u < kAtOnce; ++u) {
-        const int64_t slot = k0 + u < K ? level2_slot(r, channel_of(k0 + u), h, lane) : -1;
-        v[u] = slot >= 0 ? __ldcg(partials + slot) : 0.0;
-      }
-#pragma unroll
-      for (int u = 0; u < kAtOnce; ++u) total[u] += warp_sum(v[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kAtOnce; ++u) {
-      if (lane == 0 && k0 + u < K) {
-        write_dstep(dstep, step, channel_of(k0 + u), total[u], grad_scale, min_step);
-      }
-    }
+  template <typename Body>
+  __device__ __forceinline__ void warps(Body body) const {
+    body(static_cast<int>(threadIdx.x >> 5), static_cast<int>(blockDim.x >> 5));
   }
-  if (threadIdx.x == 0) *domain_count = 0u;
-}
+  template <typename SlotOf>
+  __device__ __forceinline__ double load(SlotOf slot_of) const {
+    const int64_t slot = slot_of(static_cast<int>(threadIdx.x & 31));
+    return slot >= 0 ? __ldcg(partials + slot) : 0.0;
+  }
+  __device__ __forceinline__ double sum(double v) const { return warp_sum(v); }
+  __device__ __forceinline__ double first(double v) const { return (threadIdx.x & 31) == 0 ? v : 0.0; }
+  __device__ __forceinline__ double zero() const { return 0.0; }
+  __device__ __forceinline__ double add(double a, double b) const { return a + b; }
+  __device__ __forceinline__ void store_first(int64_t slot, double v) const {
+    if ((threadIdx.x & 31) == 0) partials[slot] = v;
+  }
+  __device__ __forceinline__ void write_dstep(int64_t c, double total) const {
+    if ((threadIdx.x & 31) == 0) dqa_cuda::write_dstep(dstep, step, c, total, grad_scale, min_step);
+  }
+};
 
 template <typename T, int VEC, bool kPacked>
 __global__ void __launch_bounds__(kThreads)
@@ -204,8 +175,9 @@ __global__ void __launch_bounds__(kThreads)
     const unsigned p = fresh_block_x();
     if (threadIdx.x == 0) partials[rows_slot(c, p, gridDim.x)] = block;
     if (slot >= 0) {
-      arrive(r, g_counters + int64_t{slot} * kMaxCounters, c, p, 1, [c](int) { return c; },
-             threadIdx.x == 0, partials, step, dstep, grad_scale, min_step);
+      KernelFinalize f{g_counters + int64_t{slot} * kMaxCounters, partials, step, dstep, grad_scale,
+                       min_step};
+      fused_finalize(f, r, c, p, 1, [c](int) { return c; });
     }
   }
 }
@@ -234,18 +206,18 @@ __global__ void __launch_bounds__(kThreads, kTiledBackwardMinBlocks)
   volatile double* mine = smem + ty * row_len + tx * VEC;
   float s[VEC];
   float rcp[VEC];
-  float lo = 0.f;  // one range for the thread: the fast division only if every step allows it
+  float hi = INFINITY;  // one range for the thread: the fast division only if every step allows it
   float acc[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const Divisor d = make_divisor(active ? load_step(step, by_inner.div(col + j), min_step) : 1.f);
     s[j] = d.s;
     rcp[j] = d.r;
-    lo = fmaxf(lo, d.lo);
+    hi = fminf(hi, d.hi);
     acc[j] = 0.f;
     mine[j] = 0.0;
   }
-  const auto div_of = [&](int j) { return Divisor{s[j], rcp[j], lo}; };
+  const auto div_of = [&](int j) { return Divisor{s[j], rcp[j], hi}; };
   if (active) {
     const auto add = [&](int i, float t) { acc[i % VEC] = __fadd_rn(acc[i % VEC], t); };
     walk_tile_rows<kTiledRowsInFlight, kTilesGroupsPerFlush>(
@@ -303,9 +275,9 @@ __global__ void __launch_bounds__(kThreads, kTiledBackwardMinBlocks)
     // Domain: this tile; its channels are its columns (inner == 1).
     const int64_t first = tile_column(tile, bx, 0, VEC);
     const int64_t width = W - first < row_len ? W - first : row_len;
-    arrive(r, g_counters + int64_t{slot} * kMaxCounters, tile, row_block,
-           static_cast<int>(width), [first](int k) { return first + k; }, ty == 0 && active,
-           partials, step, dstep, grad_scale, min_step);
+    KernelFinalize f{g_counters + int64_t{slot} * kMaxCounters, partials, step, dstep, grad_scale,
+                     min_step};
+    fused_finalize(f, r, tile, row_block, static_cast<int>(width), [first](int k) { return first + k; });
   }
 }
 
@@ -355,11 +327,39 @@ cudaError_t with_packed(bool packed, F&& f) {
 struct SlotRelease {
   int device;
   int slot;
+  unsigned long long token;
 };
 void CUDART_CB release_captured_slot(void* data) {
   const SlotRelease* r = static_cast<const SlotRelease*>(data);
-  release_slot(r->device, r->slot);
+  release_slot(r->device, r->slot, r->token);
   delete r;
+}
+
+// The slot of a capture's launches on this stream, tied to the graph being captured; -1 (fuse
+// nothing) when it cannot be tied.
+int captured_slot(int device, cudaStream_t stream, unsigned long long capture, cudaGraph_t graph) {
+  // cudaStreamPerThread is another stream in each thread: no key tells them apart here.
+  if (graph == nullptr || stream == cudaStreamPerThread) return -1;
+  const SlotGrant g = counter_slot(device, SlotKey::kCapture, capture, reinterpret_cast<uintptr_t>(stream));
+  if (g.slot < 0 || !g.fresh) return g.slot;
+  SlotRelease* r = new SlotRelease{device, g.slot, g.token};
+  cudaUserObject_t object = nullptr;
+  if (cudaUserObjectCreate(&object, r, release_captured_slot, 1, cudaUserObjectNoDestructorSync) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();  // ours: the launch must not report it
+    delete r;
+    release_slot(device, g.slot, g.token);
+    return -1;
+  }
+  if (cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove) != cudaSuccess) {
+    (void)cudaGetLastError();
+    // Given back now, so that a later launch of this capture takes (and ties) a fresh grant; the
+    // destructor, whenever CUDA runs it, then finds its token stale and does nothing.
+    release_slot(device, g.slot, g.token);
+    cudaUserObjectRelease(object, 1);
+    return -1;
+  }
+  return g.slot;
 }
 
 // The counter slot of launches on this stream (and capture): see dqa_counters.h; -1 for none.
@@ -374,26 +374,16 @@ int slot_for(cudaStream_t stream) {
     return -1;
   }
   if (status == cudaStreamCaptureStatusInvalidated) return -1;
-  const bool capturing = status == cudaStreamCaptureStatusActive;
-  const SlotGrant g = counter_slot(device, reinterpret_cast<uintptr_t>(stream), capturing ? capture : 0ull);
-  if (g.slot < 0 || !g.fresh || !capturing) return g.slot;
-  // Tie the slot to the graph being captured; without that, give it back and fuse nothing.
-  SlotRelease* r = new SlotRelease{device, g.slot};
-  cudaUserObject_t object = nullptr;
-  if (graph == nullptr ||
-      cudaUserObjectCreate(&object, r, release_captured_slot, 1, cudaUserObjectNoDestructorSync) !=
-          cudaSuccess) {
+  if (status == cudaStreamCaptureStatusActive) return captured_slot(device, stream, capture, graph);
+  // Eager: the stream's unique id (not its handle, which a new stream may reuse, and which means
+  // another stream in each thread for cudaStreamPerThread). Not asked while capturing: a
+  // capturing stream does not support it.
+  unsigned long long id = 0;
+  if (cudaStreamGetId(stream, &id) != cudaSuccess) {
     (void)cudaGetLastError();
-    delete r;
-    release_slot(device, g.slot);
     return -1;
   }
-  if (cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove) != cudaSuccess) {
-    (void)cudaGetLastError();
-    cudaUserObjectRelease(object, 1);  // runs the destructor: the slot is given back
-    return -1;
-  }
-  return g.slot;
+  return counter_slot(device, SlotKey::kEager, id, 0).slot;
 }
 
 }  // namespace

@@ -69,7 +69,7 @@ __device__ __forceinline__ float load_step(const float* __restrict__ step, int64
 
 // v[i] = x[i] / div_of(i).s for i < N, bitwise the IEEE quotient of dqa::scaled: the fast
 // sequence of dqa_divide.h when every x[i] is in its range, else the IEEE division for all N
-// (zeros, infinities, NaN, subnormals, huge ratios, a bad step: rare, and out of the hot path).
+// (infinities, NaN, subnormals, huge ratios, a bad step: rare, and out of the hot path).
 template <int N, typename DivOf>
 __device__ __forceinline__ void quotients(const float (&x)[N], float (&v)[N], DivOf div_of) {
   bool ok = true;

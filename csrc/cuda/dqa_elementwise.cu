@@ -103,15 +103,15 @@ __global__ void __launch_bounds__(kThreads)
   if (col >= w.W) return;
   float s[VEC];
   float rcp[VEC];
-  float lo = 0.f;  // one range for the thread: the fast division only if every step allows it
+  float hi = INFINITY;  // one range for the thread: the fast division only if every step allows it
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const Divisor d = make_divisor(load_step(step, by_inner.div(col + j), min_step));
     s[j] = d.s;
     rcp[j] = d.r;
-    lo = fmaxf(lo, d.lo);
+    hi = fminf(hi, d.hi);
   }
-  const auto div_of = [&](int j) { return Divisor{s[j], rcp[j], lo}; };
+  const auto div_of = [&](int j) { return Divisor{s[j], rcp[j], hi}; };
   const int by = kThreads >> bx_log2;
   walk_tile_rows<2, kNoChunks>(
       w, col, static_cast<int64_t>(blockIdx.y) * by + ty,

@@ -25,9 +25,11 @@ bool aligned_to(uintptr_t p, int64_t bytes) {
 }
 
 // Rows longer than this go to the tiles unless the channel is contiguous (outer == 1): the row
-// walk's cursor is 32-bit. (Such a tensor has over 2**32 elements; its tiled backward needs a
-// workspace of one double per column.)
+// walk's cursor is 32-bit unsigned and must hold the cursor plus the grid stride, both below
+// inner. (Such a tensor has over 2**32 elements; its tiled backward needs a workspace of one
+// double per column.)
 constexpr int64_t kMaxRowsInner = (int64_t{1} << 31) - 1;
+static_assert(2 * (kMaxRowsInner - 1) <= int64_t{0xffffffff}, "the row cursor plus the stride fit 32 bits");
 
 // Threads per block of a row kernel: enough for the channel's vectors, 32 to kThreads.
 int64_t rows_block(int64_t nvec) { return clamp64(next_pow2(nvec), 32, kThreads); }

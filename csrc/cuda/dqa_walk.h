@@ -10,6 +10,12 @@
 
 #include "../dqa_math.h"  // DQA_HD
 
+#if defined(__CUDA_ARCH__)  // the device pass only: host compilers do not know the pragma
+#define DQA_UNROLL _Pragma("unroll")
+#else
+#define DQA_UNROLL
+#endif
+
 namespace dqa_cuda {
 
 // n / d for 0 <= n < 2**63 by a multiply-high and shifts (Granlund & Montgomery 1994,
@@ -37,7 +43,8 @@ struct Divider {
 // tensor and only its last vector may be partial. When a channel is contiguous (C == 1 or
 // outer == 1) the walk describes it as rows of one element (inner 1, row_stride 1, c_stride the
 // real inner): element k at c * c_stride + k, no wrap. Otherwise inner < 2**31 (the planner sends
-// longer rows to the tiles), so the row cursor is 32-bit.
+// longer rows to the tiles), so the row cursor is 32-bit and unsigned: i and gi are below inner,
+// so i + gi < 2**32 (as int it would pass 2**31 for rows over 2**30 and skip the wrap).
 struct RowsWalk {
   int64_t C;
   int64_t inner;
@@ -68,9 +75,9 @@ DQA_HD void walk_channel_rows(const RowsWalk& w, int64_t tid, int64_t c, Pair&& 
   const int64_t first = tid * VEC;
   if (first >= w.per_channel) return;
   const int64_t o = w.by_inner.div(first);
-  const int inner = static_cast<int>(w.inner);
-  const int gi = static_cast<int>(w.gi);
-  int i = static_cast<int>(first - o * w.inner);
+  const unsigned inner = static_cast<unsigned>(w.inner);
+  const unsigned gi = static_cast<unsigned>(w.gi);
+  unsigned i = static_cast<unsigned>(first - o * w.inner);
   int64_t e = o * w.row_stride + c * w.c_stride + i;
   const int64_t span = w.per_channel - first;
   const int64_t n = w.by_g.div(span - 1) + 1;  // this thread's vectors
@@ -162,10 +169,10 @@ DQA_HD int64_t tiles_slot(int64_t r, int64_t W, int64_t col) { return r * W + co
 // where T is the 32-lane tree of warp_sum (terms past the end are 0):
 //   for off = 16, 8, 4, 2, 1: v_l += v_{l+off} for l < off;  T = v_0.
 // dstep[c] = float(total * grad_scale) * effective_step_grad(step[c]).
-// Either a separate finalize kernel computes it, or the main kernel does (fused): the block
-// that arrives last at its group's counter computes L_g, the one that arrives last at its
-// domain's counter (after every group's L_g) the total; each resets the counter it used. Both
-// compute the same expressions, so the result does not depend on which ran.
+// Either a separate finalize kernel computes it, or the main kernel does (fused_finalize below):
+// the block that arrives last at its group's counter computes L_g, the one that arrives last at
+// its domain's counter (after every group's L_g) the total. Both compute the same expressions,
+// so the result does not depend on which ran.
 constexpr int kGroup = 32;
 
 struct ReduceArgs {
@@ -227,6 +234,84 @@ DQA_HD int64_t finalize_group(int64_t h, int warp, int u, int warps) {
 DQA_HD int64_t finalize_slot(const ReduceArgs& a, int64_t c, int64_t g, int lane) {
   const int64_t m = g * kGroup + lane;
   return g < a.groups && m < a.count ? partial_slot(a, c, m) : -1;
+}
+
+// ---- the fused finalize: one control flow for the kernel and the emulation ----
+//
+// Run by a block of domain d after it wrote the partials m of the K channels channel_of(0 ..
+// K-1). F is the platform: the kernel's (dqa_backward.cu, every thread of the block runs this)
+// or the emulation's (emulate_test.cpp, one call per block, all lanes at once). It provides
+//   Value                        a lane's double (the emulation: the 32 lanes' tree hashes)
+//   arrive(counter, limit)       the block arrives at the counter, as atomicInc(counter, limit):
+//                                old = *counter; *counter = old >= limit ? 0 : old + 1. True (in
+//                                every thread) when old == limit: the block arrived last, and
+//                                the counter is back at 0 for the next launch, with no reset
+//                                store. Release (the block's writes before) and acquire (the
+//                                others' writes after) are the platform's.
+//   warps(body)                  body(warp, warps) for this thread's warp (the emulation: each)
+//   load(slot_of)                the double at slot_of(lane), 0 where it is -1 (lane: this one)
+//   sum(v)                       warp_sum's tree over the 32 lanes (valid in lane 0 only)
+//   first(v)                     lane 0's v, 0 in the others
+//   zero(), add(a, b)            0.0 and a + b, per lane
+//   store_first(slot, v)         lane 0 writes v to the workspace slot (a level-one sum)
+//   write_dstep(c, total)        lane 0 writes dstep[c] from the channel's total
+// Within a warp, kFinalizeAtOnce channels at a time: their loads are in flight together.
+constexpr int kFinalizeAtOnce = 2;
+
+// v[u] = this lane's term slot_of(k0 + u, lane) of channel k0 + u, for each u (none past K).
+template <typename F, typename SlotOf>
+DQA_HD void load_channels(F& f, typename F::Value (&v)[kFinalizeAtOnce], int k0, int K, SlotOf slot_of) {
+  DQA_UNROLL
+  for (int u = 0; u < kFinalizeAtOnce; ++u) {
+    const int k = k0 + u;
+    v[u] = f.load([&](int lane) { return k < K ? slot_of(k, lane) : int64_t{-1}; });
+  }
+}
+
+template <typename F, typename ChannelOf>
+DQA_HD void fused_finalize(F& f, const ReduceArgs& r, int64_t d, int64_t m, int K, ChannelOf channel_of) {
+  using V = typename F::Value;
+  constexpr int kAtOnce = kFinalizeAtOnce;
+  const int64_t g = m / kGroup;
+  if (!f.arrive(group_counter(r, d, g), static_cast<unsigned>(group_size(r, g) - 1))) return;
+  // Last of its group: L_g of each channel, one warp per channel.
+  f.warps([&](int warp, int warps) {
+    for (int k0 = warp * kAtOnce; k0 < K; k0 += warps * kAtOnce) {
+      V v[kAtOnce];
+      load_channels(f, v, k0, K, [&](int k, int lane) { return level1_slot(r, channel_of(k), g, lane); });
+      DQA_UNROLL
+      for (int u = 0; u < kAtOnce; ++u) {
+        if (k0 + u >= K) break;
+        const int64_t c = channel_of(k0 + u);
+        const V level = f.sum(v[u]);
+        if (r.groups == 1) {  // the total: 0 + T(L_0, 0, ..., 0)
+          f.write_dstep(c, f.add(f.zero(), f.sum(f.first(level))));
+        } else {
+          f.store_first(group_slot(r, c, g), level);
+        }
+      }
+    }
+  });
+  if (r.groups == 1) return;
+  // Last of the domain's groups: the totals.
+  if (!f.arrive(domain_counter(r, d), static_cast<unsigned>(r.groups - 1))) return;
+  f.warps([&](int warp, int warps) {
+    for (int k0 = warp * kAtOnce; k0 < K; k0 += warps * kAtOnce) {
+      V total[kAtOnce];
+      DQA_UNROLL
+      for (int u = 0; u < kAtOnce; ++u) total[u] = f.zero();
+      for (int64_t h = 0; h * kGroup < r.groups; ++h) {
+        V v[kAtOnce];
+        load_channels(f, v, k0, K, [&](int k, int lane) { return level2_slot(r, channel_of(k), h, lane); });
+        DQA_UNROLL
+        for (int u = 0; u < kAtOnce; ++u) total[u] = f.add(total[u], f.sum(v[u]));
+      }
+      DQA_UNROLL
+      for (int u = 0; u < kAtOnce; ++u) {
+        if (k0 + u < K) f.write_dstep(channel_of(k0 + u), total[u]);
+      }
+    }
+  });
 }
 
 }  // namespace dqa_cuda

@@ -210,9 +210,9 @@ def _backward(x, dy, step):
 
 
 def test_fused_finalize_matches_its_fallback():
-    """Every capture takes a counter slot of its own; after 64 the slots are gone and captured
-    launches run the separate finalize, which sums in the same order: every replay's dstep has
-    the bits of the eager (fused) one."""
+    """Every capture takes a counter slot of its own; once the 64 slots are gone (fewer where
+    eager streams hold some) captured launches run the separate finalize, which sums in the same
+    order: every replay's dstep has the bits of the eager (fused) one."""
     cases = [
         (data((8, 16, 40, 40), torch.float32), steps(16)),              # rows, one group
         (data((1, 1, 300000), torch.float32), steps(1)),                # rows, 3 groups
@@ -240,8 +240,8 @@ def test_fused_finalize_matches_its_fallback():
 
 
 def test_graph_replays_leave_the_counters_at_zero():
-    """A captured backward replayed with new inputs each time equals the eager one: the block
-    that arrives last resets every counter, so the next replay starts from zero."""
+    """A captured backward replayed with new inputs each time equals the eager one: the last
+    arrival at each counter wraps it back to zero (atomicInc), so the next replay starts there."""
     x = data((1, 1, 300000), torch.float16)
     xs = data((16, 32, 24, 24), torch.float32).contiguous(memory_format=torch.channels_last)  # 36 row blocks
     dy, dys = torch.randn_like(x), torch.randn_like(xs)
@@ -288,8 +288,9 @@ def test_concurrent_streams_do_not_share_counters():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_division_special_values(dtype):
-    """The fast division's guard sends zeros (both signs), infinities, NaN, subnormals and
-    extreme ratios to the IEEE division: y and dx keep their bits, the sign of zero included."""
+    """The fast division keeps zeros (both signs) and its guard sends infinities, NaN,
+    subnormals and extreme ratios to the IEEE division: y and dx keep their bits, the sign of
+    zero included."""
     tiny = torch.finfo(torch.float32).tiny
     special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), tiny / 4, -tiny / 8,
                             3e38, -3e38, 1e-30, 2.0**60, 2.0**-60, 2.0**61, 1.5, -2.5, 7.0])
@@ -302,6 +303,18 @@ def test_division_special_values(dtype):
     # channel; bad ones (NaN, negative) give NaN for theirs only.
     per_channel = [0.5, 1.0, 2.0**-45, float("nan"), 1e-3, -2.0, 1e20, 0.25]
     check_parity(x, torch.tensor(per_channel, device=DEV), 0, 3, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_like_zeros_keep_their_bits(dtype):
+    """ReLU-like inputs (about half exact zeros, some of them -0) take the fast division: y and
+    dx keep their bits, the sign of zero included, on the rows and the tiles."""
+    x = data((8, 16, 24, 24), dtype)
+    x = torch.where(x > 0, x, torch.zeros_like(x))
+    x[..., ::5] = -0.0
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        check_parity(xx, steps(16), 0, 3, 1, grad_scale=0.5)
+        check_parity(xx, steps(16), -4, 3, 1, need_step_grad=False)
 
 
 def test_dy_with_other_strides_on_size_one_dims():

@@ -42,6 +42,23 @@ PROGRAMS = {
 }
 
 
+def test_planner_under_sanitizers(tmp_path):
+    """The planner tests under ASan and UBSan: the counter slots survive static destruction (a
+    CUDA thread may release one while the process exits), no signed overflow in the planner."""
+    if CXX is None:
+        pytest.skip("no host C++ compiler")
+    exe = tmp_path / "plan_test"
+    flags = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    probe = subprocess.run([CXX, *flags, "-x", "c++", "-", "-o", str(tmp_path / "probe")],
+                           input="int main() { return 0; }", capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("the compiler cannot link ASan/UBSan here")
+    _compile([*flags, "csrc/cuda/dqa_plan.cpp", "csrc/cuda/dqa_counters.cpp", "csrc/cuda/tests/plan_test.cpp",
+              "-pthread", "-o", str(exe)])
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and " 0 failed" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
+
+
 @pytest.mark.parametrize("program", sorted(PROGRAMS))
 def test_host_program(host_objects, tmp_path, program):
     flags, nobjects, args = PROGRAMS[program]

@@ -5,8 +5,10 @@
 //      significand A with A * 2^25 mod B in [-13, 13] (the only pairs where the error bound
 //      allows a wrong rounding);
 //   2. every dividend significand for a sample of divisor significands (edges and random);
-//   3. random x and s over the whole fast range, both signs (scaling and symmetry);
-//   4. the guard: what it lets through and what it sends to the IEEE division.
+//   3. random x and s over the whole fast range, both signs (scaling and symmetry), and zeros of
+//      both signs (their sign kept);
+//   4. the guard: what it lets through and what it sends to the IEEE division, against the
+//      range the proof covers (its bounds written here, not taken from the header).
 // Built and run by scripts/check_cuda_kernels.sh and tests/test_cuda_planner.py.
 // Usage: divide_test [sampled divisors, default 24]
 #include <cmath>
@@ -19,6 +21,10 @@
 #include "cuda/dqa_divide.h"
 
 using namespace dqa_cuda;
+
+// The range this proof covers; the header's guard must not let more through.
+static_assert(kFastXMin >= 0x1p-60f && kFastXMax <= 0x1p60f, "x range beyond the proof");
+static_assert(kFastStepMin >= 0x1p-40f && kFastStepMax <= 0x1p40f, "step range beyond the proof");
 
 namespace {
 
@@ -126,22 +132,28 @@ void scaled() {
     expect_exact(x, s);
   }
   for (float s : {kFastStepMin, kFastStepMax, 1.f, 0.3f, 1e-6f}) {
-    for (float x : {kFastXMin, -kFastXMin, kFastXMax, -kFastXMax, 1.f, 3.f, -0.5f}) expect_exact(x, s);
+    for (float x : {kFastXMin, -kFastXMin, kFastXMax, -kFastXMax, 1.f, 3.f, -0.5f, 0.f, -0.f}) expect_exact(x, s);
+  }
+  for (int i = 0; i < 100000; ++i) {  // zeros of both signs: the quotient keeps the sign
+    expect_exact(i & 1 ? -0.f : 0.f, std::ldexp(significand(rng()), es(rng)));
   }
 }
 
 // 4. The guard.
 void guard() {
   const float inf = INFINITY, nan = NAN, sub = from_bits(0x00400000u);
-  for (float x : {0.f, -0.f, inf, -inf, nan, sub, -sub, std::nextafter(kFastXMin, 0.f),
-                  std::nextafter(kFastXMax, inf), -std::nextafter(kFastXMax, inf), 3e38f}) {
+  // Outside the proof's range, whatever the header's constants say.
+  for (float x : {inf, -inf, nan, sub, -sub, std::nextafter(0x1p-60f, 0.f), -std::nextafter(0x1p-60f, 0.f),
+                  std::nextafter(0x1p60f, inf), -std::nextafter(0x1p60f, inf), 3e38f, 0x1p-100f}) {
     expect_guard(x, 1.f, false);
   }
-  for (float x : {kFastXMin, -kFastXMin, kFastXMax, -kFastXMax, 1.f, -2.5f}) expect_guard(x, 1.f, true);
-  for (float s : {nan, 0.f, -1.f, inf, std::nextafter(kFastStepMin, 0.f), std::nextafter(kFastStepMax, inf)}) {
-    expect_guard(1.f, s, false);
+  for (float x : {kFastXMin, -kFastXMin, kFastXMax, -kFastXMax, 1.f, -2.5f, 0.f, -0.f}) expect_guard(x, 1.f, true);
+  for (float s : {nan, 0.f, -0.f, -1.f, inf, std::nextafter(0x1p-40f, 0.f), std::nextafter(0x1p40f, inf), 1e-45f}) {
+    for (float x : {1.f, 0.f, -0.f}) expect_guard(x, s, false);  // a step out of range: no x at all
   }
-  for (float s : {kFastStepMin, kFastStepMax}) expect_guard(1.f, s, true);
+  for (float s : {kFastStepMin, kFastStepMax}) {
+    for (float x : {1.f, 0.f, -0.f}) expect_guard(x, s, true);
+  }
 }
 
 }  // namespace

@@ -6,14 +6,16 @@
 //  - the backward, both paths: the same, plus every float32 sum flushed before 1024 terms, every
 //    partial-sum slot written once by its channel;
 //  - the step-gradient reduction: the separate finalize reads every slot once, for its channel;
-//    the fused one, for random orders of block arrival, reads only slots already written (by
-//    blocks that arrived), writes each level-one sum once, leaves every counter at zero, writes
-//    each dstep once, and sums in exactly the separate finalize's order (an order-sensitive hash
-//    of the two trees must match);
+//    the fused one (dqa_walk.h's fused_finalize, the kernel's own control flow, on an atomicInc
+//    emulated here), for random orders of block arrival and two launches in a row, reads only
+//    slots already written (by blocks that arrived), writes each level-one sum once, leaves every
+//    counter at zero, writes each dstep once, and sums in exactly the separate finalize's order
+//    (an order-sensitive hash of the two trees must match);
 //  - tensors over 2**31 elements: sampled threads, each index checked against 64-bit division.
 // Built and run by scripts/check_cuda_kernels.sh and tests/test_cuda_planner.py.
 // Usage: emulate_test [random cases, default 3000]
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -341,93 +343,124 @@ std::vector<uint64_t> finalize_separate(const BackwardPlan& p, Checker& check, S
   return total;
 }
 
-// The fused finalize for one order of arrival per domain; returns each channel's tree hash.
-std::vector<uint64_t> finalize_fused(const Case& k, const BackwardPlan& p, Checker& check,
-                                     Slots& sl, std::vector<int>& dstep) {
+// The fused finalize's platform for dqa_walk.h's fused_finalize (the kernel's own control flow):
+// a block at a time, all 32 lanes of a warp at once, every warp in turn; values are tree hashes.
+// It checks every counter, partial and level-one slot that the control flow touches.
+struct EmuFinalize {
+  using Value = std::array<uint64_t, kGroup>;
+  static constexpr uint64_t kNotLaneZero = 0xdeadbeefcafef00dull;  // warp_sum's lanes 1..31
+
+  const BackwardPlan& p;
+  Checker& check;
+  Slots& sl;
+  std::vector<unsigned>& counters;
+  std::vector<int>& group_writes;
+  std::vector<int>& group_reads;
+  std::vector<uint64_t>& group_hash;
+  std::vector<uint64_t>& total;
+  std::vector<int>& dstep;
+  int64_t d = 0;                       // the arriving block's domain
+  const std::vector<uint8_t>* arrived;  // the domain's blocks that have arrived
+
+  bool arrive(int64_t counter, unsigned limit) {
+    const int64_t per = p.reduce.counters_per_domain;
+    check(counter >= d * per && counter < (d + 1) * per && counter < p.counters,
+          "counter outside its domain's", counter, d);
+    if (!check.ok) return false;
+    const unsigned old = counters[counter];  // atomicInc
+    counters[counter] = old >= limit ? 0u : old + 1u;
+    return old == limit;
+  }
+  template <typename Body>
+  void warps(Body body) {
+    for (int w = 0; w < p.block / 32; ++w) body(w, p.block / 32);
+  }
+  template <typename SlotOf>
+  Value load(SlotOf slot_of) {
+    Value v{};
+    for (int lane = 0; lane < kGroup && check.ok; ++lane) {
+      const int64_t slot = slot_of(lane);
+      if (slot < 0) continue;
+      if (slot < p.reduce.group_base) {  // a block's partial
+        check(slot < int64_t(sl.owner.size()) && sl.owner[slot] >= 0, "fused read of a partial not written", slot);
+        if (!check.ok) break;
+        check((*arrived)[sl.block[slot]] == 1, "fused read of a block that has not arrived", slot, sl.block[slot]);
+        ++sl.reads[slot];
+        v[lane] = leaf(slot);
+      } else {  // a level-one sum
+        const int64_t gs = slot - p.reduce.group_base;
+        check(gs < int64_t(group_writes.size()) && group_writes[gs] == 1, "level two reads a sum not written", slot);
+        if (!check.ok) break;
+        ++group_reads[gs];
+        v[lane] = group_hash[gs];
+      }
+    }
+    return v;
+  }
+  Value sum(const Value& v) {
+    Value r;
+    r.fill(kNotLaneZero);
+    r[0] = tree32(std::vector<uint64_t>(v.begin(), v.end()));
+    return r;
+  }
+  Value first(const Value& v) {
+    Value r{};
+    r[0] = v[0];
+    return r;
+  }
+  Value zero() { return Value{}; }
+  Value add(const Value& a, const Value& b) {
+    Value r;
+    for (int l = 0; l < kGroup; ++l) r[l] = mix(a[l], b[l]);
+    return r;
+  }
+  void store_first(int64_t slot, const Value& v) {
+    const int64_t gs = slot - p.reduce.group_base;
+    check(gs >= 0 && gs < int64_t(group_writes.size()), "level-one sum outside its slots", slot);
+    if (!check.ok) return;
+    check(group_writes[gs]++ == 0, "level-one sum written twice", gs);
+    group_hash[gs] = v[0];
+  }
+  void write_dstep(int64_t c, const Value& t) {
+    check(c >= 0 && c < p.reduce.C, "fused dstep of no channel", c);
+    if (!check.ok) return;
+    total[c] = t[0];
+    ++dstep[c];
+  }
+};
+
+// The fused finalize for one order of arrival per domain, over counters that start at zero
+// (and must end there); returns each channel's tree hash.
+std::vector<uint64_t> finalize_fused(const Case& k, const BackwardPlan& p, Checker& check, Slots& sl,
+                                     std::vector<unsigned>& counters, std::vector<int>& dstep) {
   const ReduceArgs& r = p.reduce;
   const Shape& s = k.shape;
   std::vector<uint64_t> total(r.C, 0);
-  std::vector<unsigned> counters(p.counters, 0);
   const int64_t groups_end = r.group_base + (r.groups > 1 ? r.C * r.groups : 0);
   check(groups_end <= p.workspace_doubles, "level-one sums outside the workspace", groups_end);
   std::vector<int> group_writes(groups_end > r.group_base ? groups_end - r.group_base : 0, 0);
   std::vector<int> group_reads(group_writes.size(), 0);
   std::vector<uint64_t> group_hash(group_writes.size(), 0);
+  EmuFinalize f{p, check, sl, counters, group_writes, group_reads, group_hash, total, dstep, 0, nullptr};
   const int bx = 1 << p.bx_log2;
   for (int64_t d = 0; d < p.domains && check.ok; ++d) {
     // The domain's channels: rows, its channel; tiles (inner == 1), the tile's columns.
-    std::vector<int64_t> chans;
+    int64_t first = d;
+    int64_t K = 1;
     if (p.tiled) {
-      const int64_t first = tile_column(d, bx, 0, p.vec);
-      for (int64_t col = first; col < first + int64_t{bx} * p.vec && col < s.channels; ++col) chans.push_back(col);
-    } else {
-      chans.push_back(d);
+      first = tile_column(d, bx, 0, p.vec);
+      K = std::min<int64_t>(int64_t{bx} * p.vec, s.channels - first);
     }
     std::vector<int64_t> order(r.count);
     std::iota(order.begin(), order.end(), 0);
     std::shuffle(order.begin(), order.end(), order_rng);
     std::vector<uint8_t> arrived(r.count, 0);
+    f.d = d;
+    f.arrived = &arrived;
     for (int64_t m : order) {
       if (!check.ok) break;
       arrived[m] = 1;
-      const int64_t g = m / kGroup;
-      const int64_t gc = group_counter(r, d, g);
-      check(gc >= d * r.counters_per_domain && gc < (d + 1) * r.counters_per_domain && gc < p.counters,
-            "group counter outside its domain's", gc, d);
-      if (!check.ok) break;
-      if (counters[gc]++ != unsigned(group_size(r, g) - 1)) continue;
-      // Last of its group: L_g of each channel.
-      for (int64_t c : chans) {
-        std::vector<uint64_t> lanes(kGroup, 0);
-        for (int lane = 0; lane < kGroup && check.ok; ++lane) {
-          const int64_t slot = level1_slot(r, c, g, lane);
-          if (slot < 0) continue;
-          check(slot == partial_slot(r, c, g * kGroup + lane), "fused slot is not the partial's", slot);
-          check(slot < int64_t(sl.owner.size()) && sl.owner[slot] == c, "level one reads another channel's slot", slot, c);
-          if (!check.ok) break;
-          check(arrived[sl.block[slot]] == 1, "level one reads a block that has not arrived", slot, sl.block[slot]);
-          ++sl.reads[slot];
-          lanes[lane] = leaf(slot);
-        }
-        const uint64_t level = tree32(lanes);
-        if (r.groups == 1) {
-          total[c] = mix(0, tree32({level}));
-          ++dstep[c];
-        } else {
-          const int64_t gs = group_slot(r, c, g) - r.group_base;
-          check(gs >= 0 && gs < int64_t(group_writes.size()), "level-one sum outside its slots", gs);
-          if (!check.ok) break;
-          check(group_writes[gs]++ == 0, "level-one sum written twice", gs);
-          group_hash[gs] = level;
-        }
-      }
-      counters[gc] = 0;  // reset by the block that arrived last
-      if (r.groups == 1) continue;
-      const int64_t dc = domain_counter(r, d);
-      check(dc >= d * r.counters_per_domain && dc < (d + 1) * r.counters_per_domain && dc != gc,
-            "domain counter outside its domain's", dc, d);
-      if (!check.ok) break;
-      if (counters[dc]++ != unsigned(r.groups - 1)) continue;
-      for (int64_t c : chans) {
-        uint64_t t = 0;
-        for (int64_t h = 0; h * kGroup < r.groups && check.ok; ++h) {
-          std::vector<uint64_t> lanes(kGroup, 0);
-          for (int lane = 0; lane < kGroup && check.ok; ++lane) {
-            const int64_t slot = level2_slot(r, c, h, lane);
-            if (slot < 0) continue;
-            const int64_t gs = slot - r.group_base;
-            check(gs >= 0 && gs < int64_t(group_writes.size()) && group_writes[gs] == 1,
-                  "level two reads a sum not written", slot, c);
-            if (!check.ok) break;
-            ++group_reads[gs];
-            lanes[lane] = group_hash[gs];
-          }
-          t = mix(t, tree32(lanes));
-        }
-        total[c] = t;
-        ++dstep[c];
-      }
-      counters[dc] = 0;
+      fused_finalize(f, r, d, m, static_cast<int>(K), [&](int j) { return first + j; });
     }
   }
   for (size_t i = 0; i < counters.size() && check.ok; ++i) check(counters[i] == 0, "a counter left non-zero", i);
@@ -469,12 +502,20 @@ void backward(const Case& k, Checker& check) {
             sl.writes[slot]);
     }
     if (p.fusable && check.ok) {
-      std::fill(sl.reads.begin(), sl.reads.end(), 0);
-      const std::vector<uint64_t> fused = finalize_fused(k, p, check, sl, dstep);
-      for (int64_t m = 0; m < partials && check.ok; ++m) check(sl.reads[m] == 1, "fused: partial slot not read once", m);
-      for (int64_t c = 0; c < s.channels && check.ok; ++c) {
-        check(fused[c] == separate[c], "fused and separate finalize sum in different orders", c);
+      // Two launches in a row on the same counters (another order of arrival): the first must
+      // leave them at zero for the second.
+      std::vector<unsigned> counters(p.counters, 0);
+      for (int launch = 0; launch < 2 && check.ok; ++launch) {
+        std::fill(sl.reads.begin(), sl.reads.end(), 0);
+        std::vector<int> fused_dstep(s.channels, 0);
+        const std::vector<uint64_t> fused = finalize_fused(k, p, check, sl, counters, fused_dstep);
+        for (int64_t m = 0; m < partials && check.ok; ++m) check(sl.reads[m] == 1, "fused: partial slot not read once", m);
+        for (int64_t c = 0; c < s.channels && check.ok; ++c) {
+          check(fused[c] == separate[c], "fused and separate finalize sum in different orders", c);
+          check(fused_dstep[c] == 1, "fused dstep not written once", c, fused_dstep[c]);
+        }
       }
+      for (int64_t c = 0; c < s.channels; ++c) ++dstep[c];
     } else {
       for (int64_t c = 0; c < s.channels; ++c) ++dstep[c];  // the separate finalize wrote it
     }
@@ -580,8 +621,18 @@ template <int VEC>
 void sampled_rows(const Case& k, Checker& check, const RowsWalk& w, int64_t nthreads, const char* what) {
   const Shape& s = k.shape;
   const int64_t nvec = (w.per_channel + VEC - 1) / VEC;
-  for (int64_t c : {int64_t{0}, s.channels / 2, s.channels - 1}) {
-    for (int64_t tid : {int64_t{0}, nthreads / 3, nthreads - 1}) {
+  // The edges, a few threads at random, and the owners of the vectors that end rows 0 and 1 (the
+  // row cursor is then at its largest before a wrap).
+  std::vector<int64_t> tids = {0, nthreads / 3, nthreads - 1};
+  std::mt19937_64 rng(uint64_t(nthreads) * 31 + uint64_t(s.inner));
+  for (int r = 0; r < 4; ++r) tids.push_back(int64_t(rng() % uint64_t(nthreads)));
+  if (s.channels > 1) {
+    for (int64_t row = 1; row <= 2; ++row) tids.push_back((row * s.inner / VEC - 1) % nthreads);
+  }
+  std::vector<int64_t> chans = {0, s.channels / 2, s.channels - 1};
+  chans.erase(std::unique(chans.begin(), chans.end()), chans.end());
+  for (int64_t c : chans) {
+    for (int64_t tid : tids) {
       std::vector<int64_t> seen;
       walk_channel_rows<VEC, kNoChunks>(
           w, tid, c,
@@ -594,8 +645,7 @@ void sampled_rows(const Case& k, Checker& check, const RowsWalk& w, int64_t nthr
       for (int64_t v = tid; v < nvec; v += nthreads) {
         want.push_back(s.channels == 1 ? v * VEC : channel_element(s, c, v * VEC));
       }
-      std::sort(seen.begin(), seen.end());
-      std::sort(want.begin(), want.end());
+      if (!std::is_sorted(seen.begin(), seen.end())) std::sort(seen.begin(), seen.end());
       check(seen == want, what, tid, c);
     }
   }
@@ -712,7 +762,12 @@ int main(int argc, char** argv) {
   // More than 2**31 elements (the CUDA tests' shapes and larger), sampled threads only.
   const Shape big[] = {{518217, 4144, 1}, {1025, 8, 1 << 18}, {1, 1, (int64_t{1} << 31) + (1 << 21)},
                        {1, 1, int64_t{1} << 33}, {3, 70000, 1 << 14}, {1 << 16, 3, 16385},
-                       {1 << 20, 4096, 1}, {1 << 25, 16, 8}, {2, 2, (int64_t{1} << 31) + 16}};
+                       {1 << 20, 4096, 1}, {1 << 25, 16, 8}, {2, 2, (int64_t{1} << 31) + 16},
+                       // Rows of 2**30 to 2**31 - 1 elements, several per channel: the row cursor
+                       // plus the grid stride passes 2**31 before it wraps.
+                       {2, 2, 1500000000}, {3, 2, 1500000000}, {2, 2, (int64_t{1} << 31) - 8},
+                       {3, 2, (int64_t{1} << 31) - 8}, {2, 2, (int64_t{1} << 31) - 1},
+                       {3, 2, (int64_t{1} << 31) - 1}, {2, 3, (int64_t{1} << 30) + 8}};
   for (const Shape& s : big) {
     for (DType d : dtypes) {
       for (int sm : {1, 132}) run_sampled({s, d, 0, 0, 0, sm, 8});

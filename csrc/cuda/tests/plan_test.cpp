@@ -235,9 +235,10 @@ void divider_matches_division() {
   for (int64_t d : edges) {
     for (int64_t k : {int64_t{0}, int64_t{1}, int64_t{2}, int64_t{1000}, (int64_t{1} << 31) / d + 1,
                       (int64_t{1} << 62) / d}) {
+      int64_t kd = 0;
+      if (__builtin_mul_overflow(k, d, &kd)) continue;
       for (int64_t delta : {-1, 0, 1}) {
-        const int64_t n = k * d + delta;
-        if (n >= 0) one(d, n);
+        if (!(delta > 0 && kd == INT64_MAX) && kd + delta >= 0) one(d, kd + delta);
       }
     }
   }
@@ -248,54 +249,96 @@ void divider_matches_division() {
   }
 }
 
-// Counter slots: one per (device, stream) for eager launches, one per capture, none shared,
-// none left when all are taken, a capture's given back when its graph goes; from several
-// threads at once.
+// Counter slots: one per eager stream id and one per (capture, stream), none shared, a capture's
+// given back by its grant's token only, at most kEagerSlots to eager keys (the rest stay for
+// captures), none left when all are taken; from several threads at once.
 void counter_slots() {
-  const SlotGrant a = counter_slot(0, 0x10, 0);
-  check(a.slot >= 0 && a.fresh, "a stream gets a slot");
-  const SlotGrant a2 = counter_slot(0, 0x10, 0);
-  check(a2.slot == a.slot && !a2.fresh, "a stream keeps its slot");
-  const SlotGrant b = counter_slot(0, 0x20, 0);
+  const SlotKey E = SlotKey::kEager, G = SlotKey::kCapture;
+  const SlotGrant a = counter_slot(0, E, 10, 0);
+  check(a.slot >= 0 && a.fresh && a.token != 0, "a stream gets a slot");
+  const SlotGrant a2 = counter_slot(0, E, 10, 0);
+  check(a2.slot == a.slot && !a2.fresh && a2.token == a.token, "a stream keeps its slot");
+  const SlotGrant b = counter_slot(0, E, 20, 0);
   check(b.slot >= 0 && b.slot != a.slot, "another stream, another slot");
-  const SlotGrant c1 = counter_slot(0, 0x10, 7);
-  const SlotGrant c2 = counter_slot(0, 0x10, 8);
-  check(c1.slot >= 0 && c2.slot >= 0 && c1.slot != a.slot && c1.slot != c2.slot && c1.fresh && c2.fresh,
-        "each capture its own slot");
-  check(counter_slot(0, 0x10, 7).slot == c1.slot && !counter_slot(0, 0x10, 7).fresh, "a capture keeps its slot");
-  release_slot(0, c1.slot);
-  const SlotGrant c3 = counter_slot(0, 0x30, 9);
-  check(c3.slot == c1.slot && c3.fresh, "a released slot is given again");
-  check(counter_slot(0, 0x10, 0).slot == a.slot, "releasing one slot leaves the others");
-  check(counter_slot(1, 0x10, 0).slot == 0, "slots are per device");
-  check(counter_slot(-1, 0x10, 0).slot == -1, "no device: no slot");
-  release_slot(5, 3);  // an unknown device or slot: nothing happens
-  std::vector<int> got(200, -2);
+  const SlotGrant c1 = counter_slot(0, G, 7, 0x10);
+  const SlotGrant c2 = counter_slot(0, G, 8, 0x10);
+  const SlotGrant c1b = counter_slot(0, G, 7, 0x20);
+  check(c1.slot >= 0 && c2.slot >= 0 && c1b.slot >= 0 && c1.slot != a.slot && c1.slot != b.slot &&
+            c1.slot != c2.slot && c1b.slot != c1.slot && c1b.slot != c2.slot && c1.fresh && c2.fresh && c1b.fresh,
+        "each capture, and each stream of a capture, its own slot");
+  check(counter_slot(0, G, 10, 0).slot != a.slot, "a capture id equal to a stream id is another key");
+  check(counter_slot(0, G, 7, 0x10).slot == c1.slot && !counter_slot(0, G, 7, 0x10).fresh, "a capture keeps its slot");
+  release_slot(0, c1.slot, c1.token + 1000);
+  check(counter_slot(0, G, 7, 0x10).slot == c1.slot && !counter_slot(0, G, 7, 0x10).fresh,
+        "a release with another grant's token does nothing");
+  release_slot(0, c1.slot, c1.token);
+  const SlotGrant c3 = counter_slot(0, G, 9, 0x30);
+  check(c3.slot == c1.slot && c3.fresh && c3.token != c1.token, "a released slot is given again");
+  release_slot(0, c1.slot, c1.token);  // a late destructor of the first grant: stale
+  check(counter_slot(0, G, 9, 0x30).slot == c3.slot && !counter_slot(0, G, 9, 0x30).fresh,
+        "a stale release leaves the slot with its new holder");
+  check(counter_slot(0, E, 10, 0).slot == a.slot, "releasing one slot leaves the others");
+  check(counter_slot(1, E, 10, 0).slot == 0, "slots are per device");
+  check(counter_slot(-1, E, 10, 0).slot == -1, "no device: no slot");
+  release_slot(5, 3, 1);  // an unknown device or slot: nothing happens
+  release_slot(0, kCounterSlots + 3, 1);
+  // Eager keys take at most kEagerSlots; captures then take the rest, from several threads.
+  std::vector<int> eager(100, -2);
+  std::vector<int> captured(100, -2);
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
-    threads.emplace_back([t, &got] {
-      for (int i = t; i < 200; i += 4) got[i] = counter_slot(2, 0x1000 + i, 0).slot;
+    threads.emplace_back([t, &eager, &captured] {
+      for (int i = t; i < 100; i += 4) {
+        eager[i] = counter_slot(2, SlotKey::kEager, 1000 + i, 0).slot;
+        captured[i] = counter_slot(2, SlotKey::kCapture, 5000 + i, 0x40).slot;
+      }
     });
   }
   for (auto& t : threads) t.join();
-  int given = 0;
   std::vector<int> seen(kCounterSlots, 0);
+  int given_eager = 0, given_captured = 0;
   bool distinct = true;
-  for (int s : got) {
-    if (s < 0) continue;
-    ++given;
-    distinct &= s < kCounterSlots && seen[s]++ == 0;
+  for (int i = 0; i < 100; ++i) {
+    for (int s : {eager[i], captured[i]}) {
+      if (s < 0) continue;
+      distinct &= s < kCounterSlots && seen[s]++ == 0;
+    }
+    given_eager += eager[i] >= 0;
+    given_captured += captured[i] >= 0;
   }
-  check(given == kCounterSlots && distinct, "all slots given once, then none (" + std::to_string(given) + ")");
-  check(counter_slot(2, 0x1000, 0).slot == got[0], "a stream still finds its slot when all are taken");
-  check(counter_slot(2, 0x9999, 1).slot == -1, "all taken: a new capture gets none");
-  release_slot(2, got[0]);
-  check(counter_slot(2, 0x9999, 1).slot == got[0], "until a capture's graph gives one back");
+  check(distinct && given_eager == kEagerSlots && given_captured == kCounterSlots - kEagerSlots,
+        "eager keys " + std::to_string(given_eager) + ", captures " + std::to_string(given_captured) +
+            ", each slot once");
+  int first_eager = -1, first_capture = -1;
+  for (int i = 0; i < 100; ++i) {
+    if (first_eager < 0 && eager[i] >= 0) first_eager = i;
+    if (first_capture < 0 && captured[i] >= 0) first_capture = i;
+  }
+  check(first_eager >= 0 && counter_slot(2, E, 1000 + first_eager, 0).slot == eager[first_eager],
+        "a stream still finds its slot when all are taken");
+  check(counter_slot(2, G, 9999, 0x40).slot == -1 && counter_slot(2, E, 9999, 0).slot == -1,
+        "all taken: a new key gets none");
+  if (first_capture >= 0) {
+    const SlotGrant held = counter_slot(2, G, 5000 + first_capture, 0x40);
+    release_slot(2, held.slot, held.token);
+    check(counter_slot(2, E, 9999, 0).slot == -1, "a capture's slot does not go to an eager key over the cap");
+    check(counter_slot(2, G, 9999, 0x40).slot == held.slot, "until a capture's graph gives one back");
+  }
 }
 
 }  // namespace
 
+// CUDA runs a user object's destructor (release_slot) on its own thread, possibly while the
+// process exits: the slot table must outlive static destruction. Registered before the table
+// exists, this handler runs after every static object constructed later has been destroyed.
+void release_at_exit() {
+  release_slot(0, 0, 1);
+  const SlotGrant g = counter_slot(3, SlotKey::kEager, 77, 0);
+  if (g.slot != 0) std::printf("FAIL: a slot after static destruction\n"), std::_Exit(1);
+}
+
 int main() {
+  std::atexit(release_at_exit);
   aligned_tensors_get_the_widest_vector();
   odd_rows();
   long_rows();
