@@ -504,3 +504,58 @@ def test_existing_checkpoint_needs_resume_or_force(capsys, mnist, trained, tmp_p
 
 def test_checkpoints_are_saved_through_the_checked_atomic_writer():
     assert train_mod.save_atomic is importlib.import_module("dqa_ext.robust.outputs").save_torch_atomic
+
+
+def test_a_dangling_symlink_never_creates_folders_at_its_target(outputs, capsys, tmp_path):
+    """--out pointing (through a link) into a folder that does not exist is refused; nothing is created."""
+    target = tmp_path / "nowhere" / "deeper"
+    (tmp_path / "m.pt").symlink_to(target / "m.pt")
+    (tmp_path / "via").symlink_to(target)
+    for path in (tmp_path / "m.pt", tmp_path / "via" / "m.pt"):
+        with pytest.raises(outputs.OutputError, match="symlink to .*does not exist"):
+            outputs.write_bytes_atomic(path, b"x")
+    assert "symlink to" in _err(capsys, ["train", "--out", str(tmp_path / "m.pt")] + TINY)
+    assert not (tmp_path / "nowhere").exists()
+    # A link to a new file in an existing folder is written through, like a shell's `>` does.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "fresh.pt").symlink_to(tmp_path / "real" / "fresh.pt")
+    outputs.write_bytes_atomic(tmp_path / "fresh.pt", b"new")
+    assert (tmp_path / "real" / "fresh.pt").read_bytes() == b"new" and (tmp_path / "fresh.pt").is_symlink()
+
+
+def test_ctrl_c_while_torch_writes_a_checkpoint_is_an_interrupt(outputs, tmp_path):
+    """SIGINT arriving inside torch.save's C++ writer became a RuntimeError ("unexpected pos"), a
+    traceback at the command line; it must end as KeyboardInterrupt with a whole checkpoint in place."""
+    import signal
+    import threading
+
+    target = tmp_path / "m.pt"
+    torch.save({"w": torch.zeros(1)}, target)
+    big = {"w": torch.ones(40_000_000)}  # 160 MB: the write takes a while
+    started = threading.Event()
+
+    def writing():
+        for p in tmp_path.iterdir():
+            try:
+                if p.name.endswith(".tmp") and p.stat().st_size > 1 << 20:
+                    return True
+            except FileNotFoundError:  # renamed into place meanwhile
+                pass
+        return False
+
+    def interrupt_once_writing():
+        while not started.is_set():
+            if writing():
+                started.set()
+                os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupt_once_writing, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            outputs.save_torch_atomic(big, target)
+    finally:
+        started.set()
+        watcher.join()
+    saved = torch.load(target, weights_only=True)["w"]
+    assert saved.shape in ((1,), (40_000_000,)) and _leftovers(tmp_path) == []
