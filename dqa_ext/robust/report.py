@@ -221,9 +221,7 @@ def write_report(results: dict, out_dir: str | Path, *, what: str = "--out") -> 
     this command's earlier outputs); returns their paths. A figure of an earlier report that this one
     does not draw is removed."""
     out = check_output_dir(out_dir, FILES, what=what)
-    producer = producer_of(results)
-    if producer is not None:
-        claim_folder(out, producer, FILES, what=what)
+    claim_folder(out, producer_of(results), FILES, what=what)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "results.json", json.dumps(results, indent=1, default=str))
     plots = {}

@@ -91,10 +91,11 @@ def load_results(path: str | Path) -> dict:
     return results
 
 
-def claim_folder(folder, producer: str, files, *, what: str = "--out", command: str | None = None) -> None:
+def claim_folder(folder, producer: str | None, files, *, what: str = "--out", command: str | None = None) -> None:
     """Refuses (one line) to write ``producer``'s report into a folder whose report files belong to
     another command, or to no dqa results at all; for `dqa report` (producer "report"), the folder's
-    results must be the ones re-rendered (the same ``command``)."""
+    results must be the ones re-rendered (the same ``command``); producer None (results made through
+    the API): any dqa results."""
     folder = Path(folder)
     present = [f for f in files if (folder / f).is_file()]
     if not present:
@@ -104,7 +105,7 @@ def claim_folder(folder, producer: str, files, *, what: str = "--out", command: 
                            "folder; choose another folder")
     try:
         theirs = json.loads((folder / "results.json").read_text())
-        if not isinstance(theirs, dict):
+        if not isinstance(theirs, dict) or theirs.get("tool") != "dqa_ext.robust":
             raise ValueError
     except (OSError, ValueError, UnicodeDecodeError):
         raise ResultsError(f"{what} {folder} holds a results.json that dqa did not write; choose another "
@@ -114,6 +115,6 @@ def claim_folder(folder, producer: str, files, *, what: str = "--out", command: 
         if theirs.get("command") != command:
             raise ResultsError(f"{what} {folder} holds other results (`{theirs.get('command', '?')}`); re-render into "
                                "their own folder or an empty one")
-    elif owner != producer:
+    elif producer is not None and owner != producer:
         raise ResultsError(f"{what} {folder} holds the results of `{theirs.get('command', 'another command')}`; "
                            f"`dqa {producer}` does not replace them: choose another --out")

@@ -204,8 +204,9 @@ def test_atomic_write_rechecks_the_target_before_renaming(tmp_path):
 
 
 def test_ctrl_c_while_torch_writes_a_checkpoint_is_an_interrupt(tmp_path):
-    """SIGINT arriving inside torch.save's C++ writer became a RuntimeError ("unexpected pos"), a
-    traceback at the command line; it must end as KeyboardInterrupt with a whole checkpoint in place."""
+    """torch.save's C++ writer turns a SIGINT inside it into a RuntimeError ("unexpected pos"), a
+    traceback at the command line: the write holds it and ends as KeyboardInterrupt, with a whole
+    checkpoint in place (the old one or the new one)."""
     target = tmp_path / "m.pt"
     torch.save({"w": torch.zeros(1)}, target)
     big = {"w": torch.ones(40_000_000)}  # 160 MB: the write takes a while

@@ -130,3 +130,12 @@ def test_report_rerenders_only_into_its_own_results(capsys, tmp_path):
     assert dqa(["report", tmp_path / "a", "--out", tmp_path / "copy"]) == 0
     assert (tmp_path / "copy" / "report.md").is_file()
     assert "holds other results" in one_line_error(capsys, ["report", tmp_path / "a", "--out", tmp_path / "b"])
+
+
+def test_a_report_never_removes_a_file_it_did_not_write(tmp_path):
+    (tmp_path / "steps.png").write_bytes(b"someone's figure")
+    results = results_of(evaluation(0.3))
+    del results["producer"]  # results made through the API
+    with pytest.raises(ResultsError, match="not a dqa report folder"):
+        write_report(results, tmp_path)
+    assert (tmp_path / "steps.png").read_bytes() == b"someone's figure" and len(list(tmp_path.iterdir())) == 1

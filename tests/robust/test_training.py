@@ -67,9 +67,9 @@ def test_pgd_attack_stays_in_the_ball_and_raises_the_loss(mnist):
 
 @pytest.mark.slow
 def test_pgd_training_from_scratch_stops_at_chance_and_says_what_to_do(capsys, tmp_path):
-    """The example docs/robust.md used to give trained 10 epochs at test accuracy 0.100 (the constant-
-    prediction plateau of PGD training at eps 0.3): the second epoch at chance after the warm-up
-    stops the run, keeps its checkpoint and names the warm start and the eps warm-up."""
+    """PGD training from scratch at MNIST's eps 0.3 sits on the constant-prediction plateau (test
+    accuracy 0.100): the second epoch at chance after the warm-up stops the run, keeps its checkpoint
+    and names the warm start and the eps warm-up."""
     out = tmp_path / "m.pt"
     err = one_line_error(capsys, ["train", "--act", "dqa2", "--adv", "--epochs", "10", "--out", out])
     assert "test accuracy 0.100 is at chance 2 epoch(s) after the eps warm-up: the model collapsed" in err
