@@ -54,6 +54,7 @@ def attack_checkpoints(checkpoints, *, data: str = "mnist5k", data_dir=None, att
     claim_folder(out, "attack", FILES)
     import art  # noqa: F401  (the optional dependencies: a missing one is reported before any work)
     import matplotlib  # noqa: F401
+    import tqdm  # noqa: F401  (the progress bar)
 
     # Under torchrun every rank attacks its share of the images (the same per-example results as
     # one process) and rank 0 writes the report.

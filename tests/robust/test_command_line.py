@@ -75,7 +75,7 @@ def test_bad_attack_arguments(capsys, no_work, tmp_path, args, match):
 
 
 @pytest.mark.parametrize("module,argv", [
-    ("tqdm", ["train"]), ("art", ["attack", "x.pt"]), ("matplotlib", ["attack", "x.pt"]),
+    ("tqdm", ["train"]), ("art", ["attack", "x.pt"]), ("matplotlib", ["attack", "x.pt"]), ("tqdm", ["attack", "x.pt"]),
     ("art", ["reproduce", "--preset", "smoke"]), ("matplotlib", ["report", "."]),
 ])
 def test_missing_robust_extra_is_one_line(capsys, monkeypatch, no_work, tmp_path, module, argv):
