@@ -95,7 +95,7 @@ def test_training_overhead(device, net, compiled, benchmark, bench):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if benchmark.disabled:
-        pytest.skip("timing only (parity is checked by test_training_step and tests/test_compile.py)")
+        pytest.skip("timing only (parity is checked by test_training_step and tests/module/test_compile.py)")
     steps = {}
     for v in VARIANTS:
         model, opt, x, y = _build(net, v, device)

@@ -17,7 +17,7 @@ import torch
 
 from dqa_ext.robust.attacks.adaptive import annealed_twin
 from dqa_ext.robust.data import load_mnist5k
-from dqa_ext.robust.train import load_model
+from dqa_ext.robust.checkpoint import load_model
 
 
 def main() -> None:

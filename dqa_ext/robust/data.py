@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import UserError, quote
 
 DATASETS = ("mnist5k", "mnist", "cifar10")
 
@@ -55,6 +55,11 @@ class Dataset:
 
     def describe(self) -> str:
         return f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test, shape {self.input_shape}"
+
+
+def default_eps(input_shape) -> float:
+    """The L-inf epsilon the literature uses for the data: 0.3 for MNIST (1 channel), 8/255 for CIFAR-10."""
+    return 0.3 if tuple(input_shape)[0] == 1 else 8 / 255
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
@@ -194,8 +199,7 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(_field(d, "data"), dtype=np.uint8)
         y = np.asarray(_field(d, "labels"), dtype=np.int64)
     except Exception as e:  # pickle raises many types on garbage input
-        msg = str(e).splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {msg}); "
+        raise DataError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {quote(e)}); "
                         f"expected {CIFAR_LAYOUT}") from e
     if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
         raise DataError(f"{path} is corrupt: data {x.shape}, labels {y.shape}; "

@@ -11,6 +11,8 @@ import re
 import torch
 from torch import nn
 
+import dqa_ext
+
 from .errors import UserError
 
 ACTIVATION_RE = re.compile(r"^(relu|fixed[123]|dqa[123])$")
@@ -137,8 +139,6 @@ def build_model(arch: str, activation: str = "relu", input_shape=(1, 28, 28), nu
     else:
         raise ModelError(f"bad architecture {arch!r}: use one of {', '.join(ARCHS)}")
     if mode != "relu":
-        import dqa_ext  # lazy: the robustness toolkit is optional for users of the core package
-
         model = dqa_ext.convert(model, bits=bits, mode=mode)
     return model
 
@@ -153,16 +153,12 @@ def materialize(model: nn.Module, sample: torch.Tensor) -> None:
 
 
 def dqa_modules(model: nn.Module):
-    """(name, module) for every DQAReLU in ``model`` (by class name, so no import is needed)."""
-    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == "DQAReLU"]
+    """(name, module) for every quantized activation in ``model``: DQAReLU and its subclasses."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, dqa_ext.DQAReLU)]
 
 
 def learned_steps(model: nn.Module) -> dict[str, list[float]]:
     """Per-layer effective steps of the dynamic (learned-step) activations: the values the
-    quantizer uses, max(|step|, min_step), not the raw parameter."""
-    out = {}
-    for name, m in dqa_modules(model):
-        if getattr(m, "mode", "dynamic") == "dynamic" and isinstance(getattr(m, "step", None), torch.Tensor):
-            s = m.step.detach().float().abs().clamp_min(float(getattr(m, "min_step", 0.0)))
-            out[name] = [float(v) for v in s.flatten().cpu()]
-    return out
+    quantizer uses (DQAReLU.effective_step), not the raw parameter."""
+    return {name: [float(v) for v in m.effective_step.flatten().cpu()]
+            for name, m in dqa_modules(model) if m.mode == "dynamic" and not m.is_lazy}

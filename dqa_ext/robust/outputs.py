@@ -4,13 +4,19 @@ A run that trains for an hour must not find out at the end that ``--out`` is a d
 or an unwritable place, and an atomic rename must never go over something that is not a regular file
 (as root, ``os.replace(tmp, "/dev/full")`` replaces the device node). So every command checks its
 output paths first (``check_output_file`` / ``check_output_dir``), and every write goes through a
-temporary file in the same folder that is removed on any error, even Ctrl-C.
+temporary file in the same folder that is removed on any error. A symlink whose target does not
+exist is followed only into an existing folder: no folder is ever created at a link's target.
+Ctrl-C during a write is held until the write is done or undone (torch.save turns an interrupt
+inside its C++ writer into a RuntimeError), then raised.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import UserError
@@ -62,11 +68,19 @@ def _writable_dir(folder: Path, what: str, target: Path) -> None:
     os.unlink(probe)
 
 
+def _dangling(path: Path, what: str, target: Path) -> None:
+    """A symlink to nothing: refused where we would have to create folders at its target."""
+    if os.path.islink(path) and not os.path.exists(path):
+        dest = os.path.realpath(path)
+        raise OutputError(f"{what} {target}: {path} is a symlink to {dest}, which does not exist")
+
+
 def _nearest_existing(path: Path, what: str, target: Path) -> Path:
     """The closest ancestor of ``path`` that exists; it must be a directory (we would create the rest)."""
     for parent in path.parents:
         st = _stat(parent, what)
         if st is None:
+            _dangling(parent, what, target)
             continue
         if not stat.S_ISDIR(st.st_mode):
             raise OutputError(f"{what} {target}: {parent} is {_kind(st.st_mode)}, not a directory")
@@ -76,6 +90,8 @@ def _nearest_existing(path: Path, what: str, target: Path) -> Path:
 
 def _check_file(path: Path, what: str, target: Path) -> None:
     st = _stat(path, what)
+    if st is None and os.path.islink(path) and not Path(os.path.realpath(path)).parent.is_dir():
+        _dangling(path, what, target)  # writing it would need folders at the link's target
     if st is not None and not stat.S_ISREG(st.st_mode):
         link = " (through a symlink)" if path.is_symlink() else ""
         raise OutputError(f"{what} {target}: it is {_kind(st.st_mode)}{link}; expected a regular file "
@@ -104,6 +120,7 @@ def check_output_dir(path, names=(), *, what: str = "--out") -> Path:
     p = Path(path)
     st = _stat(p, what)
     if st is None:
+        _dangling(p, what, p)
         _writable_dir(_nearest_existing(p, what, p), what, p)
     elif not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"{what} {p}: it is {_kind(st.st_mode)}, expected a directory")
@@ -113,7 +130,9 @@ def check_output_dir(path, names=(), *, what: str = "--out") -> Path:
         sub = p / name
         if name.endswith("/"):
             sst = _stat(sub, what)
-            if sst is not None and not stat.S_ISDIR(sst.st_mode):
+            if sst is None:
+                _dangling(sub, what, p)
+            elif not stat.S_ISDIR(sst.st_mode):
                 raise OutputError(f"{what} {p}: {sub} is {_kind(sst.st_mode)}, expected a directory")
         else:
             sst = _stat(sub, what)
@@ -164,6 +183,24 @@ def _default_mode(path: Path) -> int:
     return 0o666 & ~_current_umask()
 
 
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C (SIGINT) waits until the block ends, then is raised; only in the main thread, and
+    only when Python's default handler is in place."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _write_atomic(path, write, what: str) -> Path:
     path = check_output_file(path, what=what)
     # os.replace onto a symlink would replace the link, not the file it points to: write next to
@@ -171,7 +208,14 @@ def _write_atomic(path, write, what: str) -> Path:
     real = Path(os.path.realpath(path))
     if real != path.absolute():
         _check_file(real, what, path)
-    real.parent.mkdir(parents=True, exist_ok=True)
+    # The folders of the path as given (through symlinked folders, not at a dangling link's target).
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _interrupts_held():
+        _replace_with(real, write, what, path)
+    return path
+
+
+def _replace_with(real: Path, write, what: str, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -190,7 +234,6 @@ def _write_atomic(path, write, what: str) -> Path:
         except FileNotFoundError:
             pass
         raise
-    return path
 
 
 def write_bytes_atomic(path, data: bytes, *, what: str = "--out") -> Path:

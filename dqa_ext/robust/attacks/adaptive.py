@@ -21,15 +21,17 @@ import torch
 from torch import nn
 
 from ..models import dqa_modules
+from .common import ce_loss, dlr_loss, example_uniform, margin, project_linf
+from .spec import Outcome, Target
+from .whitebox import apgd_ce_then_t
 
 SURROGATES = ("clip", "sigmoid")
 
 
-def effective_step(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The step DQAReLU uses, shaped to broadcast against x along its channel dim."""
-    s = m.step.detach().float()
-    if m.mode == "dynamic":
-        s = s.abs().clamp_min(m.min_step)
+def step_like(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The step the quantizer ``m`` uses (DQAReLU.effective_step), shaped to broadcast against x
+    along its channel dim."""
+    s = m.effective_step
     shape = [1] * x.dim()
     if s.numel() > 1:
         shape[m.channel_dim % x.dim()] = -1
@@ -62,7 +64,7 @@ def _behaviour(mode: str, kind: str, temp: float):
     def forward(self, x):
         if mode == "zero":
             return _Zero.apply(x, type(self).forward(self, x).detach())
-        smooth = surrogate(kind, x, effective_step(self, x), self.qmax, temp).to(x.dtype)
+        smooth = surrogate(kind, x, step_like(self, x), self.qmax, temp).to(x.dtype)
         if mode == "twin":
             return smooth
         exact = type(self).forward(self, x).detach()
@@ -129,8 +131,6 @@ def annealed_twin(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start,
     Found by an independent evaluation of this project's numbers to break PGD-trained quantized
     models that fixed-temperature twins leave standing. The points it finds are rare (a few random
     starts in a hundred), and a smooth and a sharp start find different ones, hence both."""
-    from .common import ce_loss, dlr_loss, example_uniform, margin
-
     losses = (ce_loss, dlr_loss, lambda z, t: -margin(z, t))
     twin = Variant(model, "twin", "sigmoid", t_start)
     n = len(x)
@@ -152,10 +152,46 @@ def annealed_twin(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start,
                 with torch.enable_grad():
                     (g,) = torch.autograd.grad(losses[r % 3](twin(xr).float(), yb).sum(), xr)
                 step = eps * (1 / 6 if k < steps // 3 else (1 / 15 if k < 2 * steps // 3 else 1 / 37.5))
-                xa = torch.min(torch.max(xa.detach() + step * g.sign(), xb - eps), xb + eps).clamp_(0.0, 1.0)
+                xa = project_linf(xa.detach() + step * g.sign(), xb, eps)
                 with torch.no_grad():
                     wrong = (model(xa).argmax(1) != yb) & ~found
                 x_adv[di[wrong]] = xa[wrong]
                 found |= wrong
             broken[idx[found.cpu()]] = True
     return broken, x_adv
+
+
+# ------------------------------------------------------------------ the suite's runners
+def _through(t: Target, name: str, kind: str, temp: float, mode: str) -> Outcome:
+    """APGD-CE + APGD-T differentiating the model seen through ``mode`` (a twin's every iterate is
+    checked on the real model)."""
+    b = t.budget
+    broken, x_adv = apgd_ce_then_t(Variant(t.model, mode, kind, temp), t.model if mode == "twin" else None, t,
+                                   steps=b.twin_steps, restarts=b.twin_restarts, targets=b.twin_targets,
+                                   restarts_t=b.twin_restarts, tag=name)
+    return Outcome(broken, x_adv, {"surrogate": kind, "temperature": temp or None, "mode": mode})
+
+
+def run_twin_clip(t: Target) -> Outcome:
+    return _through(t, "twin_clip", "clip", 0.0, "twin")
+
+
+def run_twin_sig_low(t: Target) -> Outcome:
+    return _through(t, "twin_sig_low", "sigmoid", t.budget.twin_temp_low, "twin")
+
+
+def run_twin_sig_high(t: Target) -> Outcome:
+    return _through(t, "twin_sig_high", "sigmoid", t.budget.twin_temp_high, "twin")
+
+
+def run_bpda_sig(t: Target) -> Outcome:
+    return _through(t, "bpda_sig", "sigmoid", t.budget.twin_temp_high, "bpda")
+
+
+def run_twin_anneal(t: Target) -> Outcome:
+    b = t.budget
+    broken, x_adv = annealed_twin(t.model, t.x, t.y, t.ids, t.eps, steps=b.anneal_steps, restarts=b.anneal_restarts,
+                                  t_start=b.anneal_t_start, t_end=b.anneal_t_end, t_start_low=b.anneal_t_start_low,
+                                  seed=t.seed, tag="twin_anneal", batch_size=b.batch_size)
+    return Outcome(broken, x_adv, {"surrogate": "sigmoid", "mode": "twin",
+                                   "temperature": [b.anneal_t_start, b.anneal_t_start_low, b.anneal_t_end]})

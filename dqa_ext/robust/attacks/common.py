@@ -1,4 +1,5 @@
-"""What every attack family shares: prediction, the margin losses, per-example random streams."""
+"""What every attack family shares: prediction, the L-inf projection, the margin losses,
+per-example random streams."""
 from __future__ import annotations
 
 import contextlib
@@ -42,6 +43,11 @@ def input_gradients_only(model: nn.Module):
         for p in params:
             p.requires_grad_(True)
         model.train(was_training)
+
+
+def project_linf(x_new: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x_new moved into the L-inf ball of radius eps around x, and into the pixel range [0, 1]."""
+    return torch.min(torch.max(x_new, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

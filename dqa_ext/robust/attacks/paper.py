@@ -1,7 +1,7 @@
 """The paper's attacks (Rakin et al. 2018), each run on its own test-set prefix: FGSM and PGD (ART),
 C&W-L2 (batched, whitebox.cw_l2), ZOO (ART), the substitute transfer attack, and PGD with the
-quantizer's true (zero) derivative, the masking demonstration. Cross-checks of the project's own
-attacks against ART live here too (``apgd_art``, ``square_art``, ``cw_art``): not in the default suite.
+quantizer's true (zero) derivative, the masking demonstration. The cross-checks of the project's own
+attacks against ART's run the same way (``apgd_art``, ``square_art``, ``cw_art``).
 
 White-box gradients flow through DQAReLU's straight-through backward (BPDA); ``attack_grad="zero"``
 swaps in the true derivative for every white-box attack.
@@ -9,26 +9,17 @@ swaps in the true derivative for every white-box attack.
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import AttackError
 from .adaptive import TrueGradient
-from .budget import AttackError, Budget
-from .common import device_of, predict
+from .common import device_of, predict, project_linf
+from .spec import Outcome, Target
+from .substitute import train_substitute
 from .whitebox import cw_l2
-
-WHITE_BOX = ("fgsm", "pgd", "cw")
-GRADIENT_FREE = ("zoo", "substitute")
-MINIMAL_L2 = ("cw", "zoo", "cw_art")  # unbounded L2 attacks: success rate and median L2
-# Not in the default suite: the cross-checks of the project's APGD, Square and C&W against ART's.
-CROSS_CHECKS = ("apgd_art", "square_art", "cw_art")
-PAPER = WHITE_BOX + GRADIENT_FREE + ("pgd_zero",)
-LABELS = {"fgsm": "FGSM", "pgd": "PGD", "cw": "C&W-L2", "zoo": "ZOO", "substitute": "Substitute",
-          "pgd_zero": "PGD, true gradient", "apgd_art": "APGD-CE (ART)", "square_art": "Square (ART)",
-          "cw_art": "C&W-L2 (ART)"}
 
 
 # ------------------------------------------------------------------ helpers
@@ -52,7 +43,7 @@ def art_classifier(model: nn.Module, input_shape, num_classes: int):
                                  nb_classes=num_classes, clip_values=(0.0, 1.0), device_type="gpu")
 
 
-def _bounded(name: str, clf, eps: float, b: Budget):
+def _bounded(name: str, clf, eps: float, b):
     from art.attacks.evasion import (AutoProjectedGradientDescent, FastGradientMethod,
                                      ProjectedGradientDescent, SquareAttack)
 
@@ -72,7 +63,7 @@ def _bounded(name: str, clf, eps: float, b: Budget):
     raise AttackError(f"unknown attack {name!r}")
 
 
-def _minimal(name: str, clf, b: Budget):
+def _minimal(name: str, clf, b):
     from art.attacks.evasion import CarliniL2Method, ZooAttack
 
     if name == "cw_art":
@@ -85,75 +76,102 @@ def _minimal(name: str, clf, b: Budget):
                      variable_h=0.01, verbose=False)
 
 
-def budget_of(name: str, b: Budget) -> dict:
-    """The settings that name's numbers depend on, for the report."""
-    pgd = ["pgd_steps", "pgd_restarts", "pgd_step_rel"]
-    cw = ["cw_n", "cw_steps", "cw_search", "cw_lr", "cw_const"]
-    keys = {"fgsm": [], "pgd": pgd, "pgd_zero": pgd, "cw": cw, "cw_art": cw,
-            "apgd_art": ["apgd_steps", "apgd_restarts"], "square_art": ["square_queries", "square_p_init"],
-            "zoo": ["zoo_n", "zoo_steps", "zoo_search", "zoo_const", "zoo_lr", "zoo_parallel"],
-            "substitute": ["sub_seeds", "sub_rounds", "sub_epochs", "sub_lambda"]}[name]
-    return {k: getattr(b, k) for k in keys}
+def _gradient_target(t: Target, zero: bool = False) -> nn.Module:
+    """The model whose gradients a white-box attack follows: straight-through, or with the
+    quantizers' true (zero) derivative (``--attack-grad zero``, or always for pgd_zero)."""
+    return TrueGradient(t.model) if (zero or t.attack_grad == "zero") else t.model
 
 
-# ------------------------------------------------------------------ the API
-def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, budget: Budget,
-               *, attack_grad: str = "bpda", x_seed: torch.Tensor | None = None, seed: int = 0,
-               num_classes: int = 10) -> dict:
-    """One attack on (x, y); returns per-example survival (``correct``) and summary numbers.
-
-    An example counts as robust only if the model is right on it both clean and under attack."""
-    if name not in PAPER + CROSS_CHECKS:
-        raise AttackError(f"unknown attack {name!r}; choose from {', '.join(PAPER + CROSS_CHECKS)}")
-    if attack_grad not in ("bpda", "zero"):
-        raise AttackError(f"attack_grad must be 'bpda' or 'zero', got {attack_grad!r}")
-    model.eval()
-    t0 = time.time()
-    _seed(seed)
-    xn, yn = x.numpy(), y.numpy()
-    clean_ok = predict(model, x) == yn
-    zero = attack_grad == "zero" or name == "pgd_zero"
-    gradient = name in WHITE_BOX + ("pgd_zero", "apgd_art", "cw_art")
-    target = TrueGradient(model) if (zero and gradient) else model
-    out = {"attack": name, "label": LABELS[name], "n": len(x), "eps": eps, "budget": budget_of(name, budget),
-           "grad": ("zero" if zero else "ste") if gradient else "none"}
-    if name == "substitute":
-        from ..substitute import train_substitute
-
-        if x_seed is None:
-            raise AttackError("the substitute attack needs held-out seed images (x_seed)")
-        sub, queries = train_substitute(model, x_seed, rounds=budget.sub_rounds, epochs=budget.sub_epochs,
-                                        lam=budget.sub_lambda, seed=seed, num_classes=num_classes)
-        sub_clf = art_classifier(sub, x.shape[1:], num_classes)
-        per = {}
-        for kind in ("fgsm", "pgd"):
-            _seed(seed)
-            adv = _bounded(kind, sub_clf, eps, budget).generate(xn, y=yn)
-            per[kind] = clean_ok & (predict(model, adv) == yn)
-        correct = per["fgsm"] & per["pgd"]
-        out.update(queries=queries, acc_fgsm=float(per["fgsm"].mean()), acc_pgd=float(per["pgd"].mean()),
-                   agreement=float((predict(sub, x) == predict(model, x)).mean()))
-    elif name in MINIMAL_L2:
-        if name == "cw":
-            adv = cw_l2(target, x, y, steps=budget.cw_steps, search=budget.cw_search, lr=budget.cw_lr,
-                        const=budget.cw_const, batch_size=budget.batch_size)
-        else:
-            adv = _minimal(name, art_classifier(target, x.shape[1:], num_classes), budget).generate(xn, y=yn)
-        adv = adv.astype(np.float32)
-        pred = predict(model, adv)
-        success = clean_ok & (pred != yn)
-        l2 = np.sqrt(((adv - xn).reshape(len(xn), -1) ** 2).sum(1))
-        # Projected onto the L-inf ball the adversarial point is a valid eps-bounded attack too.
-        proj = np.clip(adv, xn - eps, xn + eps)
-        correct = clean_ok & (predict(model, proj) == yn)
-        out.update(success_rate=float(success.sum() / max(1, clean_ok.sum())),
-                   median_l2=float(np.median(l2[success])) if success.any() else None)
-    else:
-        clf = art_classifier(target, x.shape[1:], num_classes)
-        adv = _bounded(name, clf, eps, budget).generate(xn, y=yn)
-        assert np.abs(adv - xn).max() <= eps + 1e-5, "attack left the eps ball"
-        correct = clean_ok & (predict(model, adv) == yn)
-    out.update(acc=float(correct.mean()), correct=correct.astype(int).tolist(), seconds=time.time() - t0)
-    return out
+def _wrong(model, adv, y: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(predict(model, adv) != y)
 
 
+def _run_bounded(t: Target, name: str, model: nn.Module) -> Outcome:
+    _seed(t.seed)
+    xn, yn = t.x.cpu().numpy(), t.y.cpu().numpy()
+    clf = art_classifier(model, t.x.shape[1:], t.num_classes)
+    adv = _bounded(name, clf, t.eps, t.budget).generate(xn, y=yn)
+    if np.abs(adv - xn).max() > t.eps + 1e-5:
+        raise AssertionError(f"{name} left the eps ball")
+    return Outcome(_wrong(t.model, adv, yn))
+
+
+def _run_unbounded(t: Target, adv: np.ndarray) -> Outcome:
+    """A minimal-L2 attack's points: success rate and median L2 among the clean-correct images; projected
+    onto the L-inf ball they are eps-bounded attacks too, and that is what enters the worst case."""
+    xn, yn = t.x.cpu().numpy(), t.y.cpu().numpy()
+    adv = adv.astype(np.float32)
+    clean_ok = predict(t.model, t.x) == yn
+    success = clean_ok & (predict(t.model, adv) != yn)
+    l2 = np.sqrt(((adv - xn).reshape(len(xn), -1) ** 2).sum(1))
+    proj = project_linf(torch.from_numpy(adv), t.x.cpu().float(), t.eps)
+    return Outcome(_wrong(t.model, proj, yn),
+                   info={"success_rate": float(success.sum() / max(1, clean_ok.sum())),
+                         "median_l2": float(np.median(l2[success])) if success.any() else None})
+
+
+def run_fgsm(t: Target) -> Outcome:
+    return _run_bounded(t, "fgsm", _gradient_target(t))
+
+
+def run_pgd(t: Target) -> Outcome:
+    return _run_bounded(t, "pgd", _gradient_target(t))
+
+
+def run_pgd_zero(t: Target) -> Outcome:
+    return _run_bounded(t, "pgd_zero", _gradient_target(t, zero=True))
+
+
+def run_apgd_art(t: Target) -> Outcome:
+    return _run_bounded(t, "apgd_art", _gradient_target(t))
+
+
+def run_square_art(t: Target) -> Outcome:
+    return _run_bounded(t, "square_art", t.model)
+
+
+def run_cw(t: Target) -> Outcome:
+    _seed(t.seed)
+    b = t.budget
+    adv = cw_l2(_gradient_target(t), t.x.cpu(), t.y.cpu(), steps=b.cw_steps, search=b.cw_search, lr=b.cw_lr,
+                const=b.cw_const, batch_size=b.batch_size)
+    return _run_unbounded(t, adv)
+
+
+def _run_art_minimal(t: Target, name: str, model: nn.Module) -> Outcome:
+    _seed(t.seed)
+    xn, yn = t.x.cpu().numpy(), t.y.cpu().numpy()
+    adv = _minimal(name, art_classifier(model, t.x.shape[1:], t.num_classes), t.budget).generate(xn, y=yn)
+    return _run_unbounded(t, adv)
+
+
+def run_cw_art(t: Target) -> Outcome:
+    return _run_art_minimal(t, "cw_art", _gradient_target(t))
+
+
+def run_zoo(t: Target) -> Outcome:
+    return _run_art_minimal(t, "zoo", t.model)
+
+
+def run_substitute(t: Target) -> Outcome:
+    """Papernot et al.'s label-only substitute (substitute.py), FGSM and PGD crafted on it; an image
+    counts as broken if either transfers."""
+    _seed(t.seed)
+    if t.x_seed is None:
+        raise AttackError("the substitute attack needs held-out seed images (x_seed)")
+    b = t.budget
+    x = t.x.cpu()
+    xn, yn = x.numpy(), t.y.cpu().numpy()
+    clean_ok = predict(t.model, x) == yn
+    sub, queries = train_substitute(t.model, t.x_seed, rounds=b.sub_rounds, epochs=b.sub_epochs, lam=b.sub_lambda,
+                                    seed=t.seed, num_classes=t.num_classes)
+    sub_clf = art_classifier(sub, x.shape[1:], t.num_classes)
+    kept = {}
+    for kind in ("fgsm", "pgd"):
+        _seed(t.seed)
+        adv = _bounded(kind, sub_clf, t.eps, b).generate(xn, y=yn)
+        kept[kind] = clean_ok & (predict(t.model, adv) == yn)
+    broken = ~(kept["fgsm"] & kept["pgd"])
+    return Outcome(torch.from_numpy(broken), info={
+        "queries": queries, "acc_fgsm": float(kept["fgsm"].mean()), "acc_pgd": float(kept["pgd"].mean()),
+        "agreement": float((predict(sub, x) == predict(t.model, x)).mean())})

@@ -9,7 +9,8 @@ import math
 import numpy as np
 import torch
 
-from .common import example_generators, margin
+from .common import example_generators, margin, project_linf
+from .spec import Outcome, Target
 
 
 def _p_selection(p_init: float, it: int, n_queries: int) -> float:
@@ -60,8 +61,14 @@ def _square_batch(model, x, y, ids, eps, queries, p_init, seed, tag):
         window = (((rows >= vh) & (rows < vh + s))[:, :, None] & ((cols >= vw) & (cols < vw + s))[:, None, :])
         delta = 2.0 * eps * sign(u[:, 2:2 + c]).view(-1, c, 1, 1) * window[:, None].float()
         xa, xc = x_best[act], x[act]
-        x_new = torch.min(torch.max(xa + delta, xc - eps), xc + eps).clamp(0.0, 1.0)
+        x_new = project_linf(xa + delta, xc, eps)
         m_new = margin(model(x_new).float(), y[act])
         better = m_new < m_best[act]
         x_best[act[better]], m_best[act[better]] = x_new[better], m_new[better]
     return (model(x_best).float().argmax(1) != y).cpu(), x_best.cpu()
+
+
+def run_square(t: Target) -> Outcome:
+    b = t.budget
+    return Outcome(*square_linf(t.model, t.x, t.y, t.ids, t.eps, queries=b.square_queries, p_init=b.square_p_init,
+                                seed=t.seed, tag="square", batch_size=b.batch_size))

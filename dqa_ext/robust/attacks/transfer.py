@@ -1,12 +1,13 @@
 """Transfer attacks: adversarial examples crafted on the other models of a run (the ReLU ones too)
 and tried on this one. A model whose gradients are masked is often broken by the gradients of an
 unmasked model trained on the same data. (The label-only substitute attack of Papernot et al. is
-the paper's transfer attack: ../substitute.py, run from paper.py.)"""
+the paper's transfer attack: substitute.py, run from paper.py.)"""
 from __future__ import annotations
 
 import torch
 
 from .common import input_gradients_only, logits_of
+from .spec import Outcome, Target
 from .whitebox import apgd_best_loss
 
 
@@ -40,3 +41,14 @@ def transfer(model, sources: dict, x, y, todo, eps, batch_size=500):
         for i in hit.tolist():
             by[i] = name
     return broken, x_adv, by
+
+
+def run_transfer(t: Target) -> Outcome:
+    """The candidates of every other model of the run (``t.sources``) on these images."""
+    if not t.sources:
+        return Outcome(torch.zeros(len(t.x), dtype=torch.bool), t.x.clone(), {"sources": []})
+    cands = {k: v[t.ids] for k, v in t.sources.items()}
+    broken, x_adv, by = transfer(t.model, cands, t.x.cpu(), t.y.cpu(), torch.arange(len(t.x)), t.eps,
+                                 t.budget.batch_size)
+    return Outcome(broken, x_adv, {"sources": list(t.sources),
+                                   "broken_by": {k: sum(1 for s in by if s == k) for k in t.sources}})

@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .common import ce_loss, device_of, dlr_loss, dlr_targeted_loss, example_uniform
+from .common import ce_loss, device_of, dlr_loss, dlr_targeted_loss, example_uniform, project_linf
+from .spec import Outcome, Target
+
 
 def _loss(name, logits, y, target):
     if name == "ce":
@@ -20,10 +22,6 @@ def _loss(name, logits, y, target):
     if name == "dlr":
         return dlr_loss(logits, y)
     return dlr_targeted_loss(logits, y, target)
-
-
-def _project(x_new, x, eps):
-    return torch.min(torch.max(x_new, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
 def apgd_run(loss_model, x, y, eps, steps, loss, noise, *, check=None, target=None):
@@ -68,8 +66,8 @@ def apgd_run(loss_model, x, y, eps, steps, loss, noise, *, check=None, target=No
         with torch.no_grad():
             xa, xo = x_adv[act], x_old[act]
             a = 0.75 if i > 0 else 1.0
-            x1 = _project(xa + step[act].view(view) * grad[act].sign(), x[act], eps)
-            x1 = _project(xa + (x1 - xa) * a + (xa - xo) * (1 - a), x[act], eps)
+            x1 = project_linf(xa + step[act].view(view) * grad[act].sign(), x[act], eps)
+            x1 = project_linf(xa + (x1 - xa) * a + (xa - xo) * (1 - a), x[act], eps)
             x_old[act] = xa
             x_adv[act] = x1
         li, g, wrong = evaluate(act, x1)
@@ -148,7 +146,7 @@ def apgd_best_loss(loss_model, x, y, ids, eps, *, steps, seed=0, tag="transfer",
                 if s == steps:
                     break
                 frac = 1.0 - s / steps
-                xa = _project(xa.detach() + max(frac, 0.1) * step * g.sign(), xb, eps)
+                xa = project_linf(xa.detach() + max(frac, 0.1) * step * g.sign(), xb, eps)
         out.append(best)
     return torch.cat(out) if out else x.clone()
 
@@ -197,3 +195,34 @@ def cw_l2(model, x: torch.Tensor, y: torch.Tensor, *, steps: int, search: int, l
             c = torch.where(hi < 1e9, (lo + hi) / 2, c * 10)
         out.append(best.cpu())
     return torch.cat(out).numpy()
+
+
+def apgd_ce_then_t(loss_model, check, t: Target, *, steps, restarts, targets, restarts_t, tag):
+    """APGD-CE (``restarts`` runs), then APGD-T on what survived (``targets`` classes, ``restarts_t``
+    runs each); returns (broken bool [N] on the CPU, x_adv [N])."""
+    x, y, ids, b = t.x, t.y, t.ids, t.budget
+    broken, x_adv = torch.zeros(len(x), dtype=torch.bool), x.clone()
+    if restarts:
+        broken, x_adv = apgd(loss_model, x, y, ids, t.eps, steps=steps, restarts=restarts, loss="ce", seed=t.seed,
+                             tag=f"{tag}/ce", check=check, batch_size=b.batch_size)
+    if targets:
+        rest = torch.nonzero(~broken).flatten()
+        dev_rest = rest.to(x.device)
+        b2, xa2 = apgd(loss_model, x[dev_rest], y[dev_rest], ids[rest], t.eps, steps=steps, restarts=restarts_t,
+                       loss="dlr-t", targets=targets, seed=t.seed, tag=f"{tag}/t", check=check,
+                       batch_size=b.batch_size)
+        broken[rest[b2]] = True
+        x_adv[dev_rest[b2.to(x.device)]] = xa2[b2.to(x.device)]
+    return broken, x_adv
+
+
+def run_apgd_ce(t: Target) -> Outcome:
+    b = t.budget
+    return Outcome(*apgd_ce_then_t(t.model, None, t, steps=b.apgd_steps, restarts=b.apgd_restarts, targets=0,
+                                   restarts_t=0, tag="apgd_ce"))
+
+
+def run_apgd_t(t: Target) -> Outcome:
+    b = t.budget
+    return Outcome(*apgd_ce_then_t(t.model, None, t, steps=b.apgd_steps, restarts=0, targets=b.apgd_t_targets,
+                                   restarts_t=b.apgd_t_restarts, tag="apgd_t"))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import build_model
+from ..models import build_model
 
 
 @dataclasses.dataclass

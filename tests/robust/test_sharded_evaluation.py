@@ -8,10 +8,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dqa_ext.robust.attacks import DEFAULT_ATTACKS, Budget, evaluate_models
+from dqa_ext.robust.attacks import Budget
 from dqa_ext.robust.attacks.shard import Shard
+from dqa_ext.robust.checkpoint import load_model
+from dqa_ext.robust.config import TrainConfig
 from dqa_ext.robust.data import load_mnist5k
-from dqa_ext.robust.train import TrainConfig, load_model, train
+from dqa_ext.robust.evaluate import evaluate_models, merge_shards
+from dqa_ext.robust.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -33,7 +36,7 @@ def _free_port() -> int:
 def _evaluate(paths, shard):
     ds = load_mnist5k()
     models = {name: load_model(path) for name, path in paths.items()}
-    return evaluate_models(models, ds, attacks=DEFAULT_ATTACKS, eps=EPS, budget=TINY, seed=3, log=lambda *_: None,
+    return evaluate_models(models, ds, eps=EPS, budget=TINY, seed=3, log=lambda *_: None,
                            shard=shard)
 
 
@@ -95,16 +98,16 @@ def test_two_ranks_give_the_one_process_result(checkpoints, tmp_path):
 
 def _budget_args(budget):
     defaults = Budget()
-    return [a for k, v in vars(budget).items() if v != getattr(defaults, k) for a in ("--budget", f"{k}={v}")]
+    return [a for k, v in budget.as_dict().items() if v != getattr(defaults, k) for a in ("--budget", f"{k}={v}")]
 
 
 def test_torchrun_attack_writes_one_report_equal_to_one_process(checkpoints, tmp_path):
-    """`torchrun --nproc_per_node 2 -m dqa_ext attack` (the documented command, gloo on CPU): rank 0
+    """`torchrun --nproc_per_node 2 -m dqa_ext.robust attack` (the documented command, gloo on CPU): rank 0
     writes the report, with the per-example results of `dqa attack` in one process."""
     import subprocess
     import sys
 
-    args = ["-m", "dqa_ext", "attack", *checkpoints.values(), "--eps", str(EPS), "--seed", "3", "--device", "cpu",
+    args = ["-m", "dqa_ext.robust", "attack", *checkpoints.values(), "--eps", str(EPS), "--seed", "3", "--device", "cpu",
             *_budget_args(TINY)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], env=env, capture_output=True,
@@ -125,14 +128,14 @@ def test_torchrun_attack_writes_one_report_equal_to_one_process(checkpoints, tmp
 
 
 def test_torchrun_reproduce_trains_with_ddp_and_evaluates_sharded(tmp_path):
-    """`torchrun --nproc_per_node 2 -m dqa_ext reproduce --preset smoke`: DDP training, then the
+    """`torchrun --nproc_per_node 2 -m dqa_ext.robust reproduce --preset smoke`: DDP training, then the
     sharded evaluation; one report, written by rank 0, over every image."""
     import subprocess
     import sys
 
     out = tmp_path / "rep"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(_free_port()), "-m", "dqa_ext", "reproduce", "--preset", "smoke",
+                          "--master_port", str(_free_port()), "-m", "dqa_ext.robust", "reproduce", "--preset", "smoke",
                           "--device", "cpu", "--out", str(out)],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -153,13 +156,11 @@ def test_merge_keeps_what_a_rank_without_survivors_lacks():
     attack's details (from the rank that ran it), the statuses in place and the counts summed."""
     import numpy as np
 
-    from dqa_ext.robust.attacks.suite import _merge_cascade
-
     base = {"attack": "transfer", "label": "Transfer", "budget": {}, "sources": ["relu-pgd"]}
     idle = {**base, "attacked": 0, "broke": 0, "status": [None], "robust_after": 0.0, "seconds": 0.1}
     ran = {**base, "attacked": 2, "broke": 1, "status": [1, 0], "robust_after": 0.5, "seconds": 0.3,
            "broken_by": {"relu-pgd": 1}}
-    merged = _merge_cascade([([0], {"transfer": idle}), ([1, 2], {"transfer": ran})], np.array([False, True, True]))
+    merged = merge_shards([([0], {"transfer": idle}), ([1, 2], {"transfer": ran})], np.array([False, True, True]))
     t = merged["transfer"]
     assert t["status"] == [None, 1, 0] and (t["attacked"], t["broke"]) == (2, 1)
     assert t["broken_by"] == {"relu-pgd": 1} and t["robust_after"] == 1 / 3 and t["seconds"] == 0.3

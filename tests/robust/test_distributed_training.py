@@ -25,10 +25,12 @@ def _worker(rank, world, port, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from dqa_ext.robust.train import TrainConfig, train
+    from dqa_ext.robust.config import TrainConfig
+    from dqa_ext.robust.train import train
 
-    cfg = TrainConfig(activation="dqa2", adv=True, pgd_steps=1, arch_kwargs=SMALL, epochs=2, n_train=256,
-                      batch_size=32, device="cpu", out=os.path.join(out, "ddp.pt"), progress=False)
+    # eps ramped over both epochs: two epochs at chance after the warm-up would stop the run
+    cfg = TrainConfig(activation="dqa2", adv=True, pgd_steps=1, eps_warmup=2.0, arch_kwargs=SMALL, epochs=2,
+                      n_train=256, batch_size=32, device="cpu", out=os.path.join(out, "ddp.pt"), progress=False)
     model = train(cfg, log=lambda *_: None)
     torch.save({k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
                os.path.join(out, f"rank{rank}.pt"))

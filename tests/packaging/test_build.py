@@ -358,7 +358,7 @@ BLOCK_ROBUST = f"""
 def test_import_dqa_ext_needs_none_of_the_robust_extras(tmp_path):
     proc = _python(BLOCK_ROBUST + f"""
     import torch
-    import dqa_ext, dqa_ext.cli, dqa_ext.robust
+    import dqa_ext, dqa_ext.robust.cli, dqa_ext.robust
     y = dqa_ext.functional.quantized_relu(torch.randn(2, 3), torch.full((3,), 0.5), 2)
     print([m for m in sys.modules if m.partition(".")[0] in {ROBUST!r}])
     """, cwd=tmp_path)

@@ -1,0 +1,95 @@
+"""The attack catalog is the one list of attacks: an attack added there (one entry, its runner in a
+file of its own) appears in the CLI help, runs from `dqa attack`, and shows in results.json and the
+report with its label, description and budget; the budget is made of the attacks' settings."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from dqa_ext.robust.attacks import catalog
+from dqa_ext.robust.attacks.budget import Budget, knobs
+from dqa_ext.robust.attacks.common import example_uniform, project_linf
+from dqa_ext.robust.attacks.spec import AttackSpec, Knob, Outcome, Target
+from dqa_ext.robust.errors import AttackError
+from support.robust import dqa, untrained_checkpoint
+
+
+def run_corners(t: Target) -> Outcome:
+    """Random corners of the epsilon ball, ``corner_tries`` per image (the toy attack's own file)."""
+    broken, x_adv = torch.zeros(len(t.x), dtype=torch.bool), t.x.clone()
+    for k in range(t.budget.corner_tries):
+        sign = torch.randint(0, 2, t.x.shape, generator=torch.Generator().manual_seed(t.seed + k)) * 2.0 - 1
+        cand = project_linf(t.x + t.eps * sign.to(t.x.device), t.x, t.eps)
+        with torch.no_grad():
+            wrong = (t.model(cand).argmax(1) != t.y).cpu() & ~broken
+        x_adv[wrong.to(t.x.device)] = cand[wrong.to(t.x.device)]
+        broken |= wrong
+    return Outcome(broken, x_adv, {"tries": t.budget.corner_tries})
+
+
+CORNERS = AttackSpec("corners", "Random corners", "black-box", "cascade", run_corners,
+                     "random corners of the epsilon ball", knobs=(Knob("corner_tries", 3, "corners per image"),),
+                     default=False)
+
+
+@pytest.fixture
+def with_corners(monkeypatch):
+    """The catalog with one more entry, as a contributor would add it."""
+    monkeypatch.setattr(catalog, "CATALOG", catalog.CATALOG + (CORNERS,))
+
+
+def test_an_attack_added_to_the_catalog_runs_everywhere(with_corners, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        dqa(["attack", "--help"])
+    help_text = capsys.readouterr().out
+    assert "corners" in help_text and "corner_tries" in help_text
+    ckpt, out = untrained_checkpoint(tmp_path / "m.pt"), tmp_path / "rep"
+    assert dqa(["attack", ckpt, "--attacks", "fgsm,corners", "--budget", "corner_tries=2", "--n-images", "30",
+                "--no-sweep", "--out", out]) == 0
+    ev = json.loads((out / "results.json").read_text())["models"][0]["eval"]
+    r = ev["cascade"]["corners"]
+    assert (r["label"], r["budget"], r["tries"]) == ("Random corners", {"corner_tries": 2}, 2)
+    assert r["attacked"] == sum(ev["clean"]["correct"]) and ev["budget"]["corner_tries"] == 2
+    assert "corners" in ev["worst_case"]["attacks"]
+    md = (out / "report.md").read_text()
+    assert "| Random corners |" in md and "- **Random corners**: random corners of the epsilon ball." in md
+    assert "| corner_tries | 2 |" in md
+
+
+def test_the_default_suite_and_labels_come_from_the_catalog(with_corners):
+    assert "corners" in catalog.attack_names() and "corners" not in catalog.default_attacks()
+    assert catalog.label("corners") == "Random corners" and catalog.label("rerun_2x") == "Rerun x2"
+    assert Budget().corner_tries == 3 and "corner_tries" in knobs()
+
+
+def test_every_setting_is_declared_by_exactly_one_attack(monkeypatch):
+    specs = catalog.specs()
+    names = [k.name for s in specs for k in s.knobs]
+    assert len(names) == len(set(names))
+    assert all(s.label and s.description and s.family and s.runner for s in specs)
+    twice = dataclasses.replace(CORNERS, knobs=(Knob("apgd_steps", 3, "again"),))
+    monkeypatch.setattr(catalog, "CATALOG", catalog.CATALOG + (twice,))
+    with pytest.raises(RuntimeError, match="apgd_steps.* declared by apgd_ce and corners"):
+        catalog.specs()
+
+
+def test_budget_checks_each_setting():
+    with pytest.raises(AttackError, match="zoo_n must be >= 1"):
+        Budget(zoo_n=0).validate()
+    with pytest.raises(AttackError, match="apgd_t_targets must be <= 9"):
+        Budget(apgd_t_targets=12).validate()
+    with pytest.raises(AttackError, match="an integer"):
+        Budget(apgd_steps=2.5).validate()
+    with pytest.raises(AttackError, match="anneal_t_start_low <= anneal_t_start"):
+        Budget(anneal_t_start_low=2.0).validate()
+    with pytest.raises(AttackError, match="unknown budget setting 'speed'"):
+        Budget(speed=3)
+    doubled = Budget().scaled(2)
+    assert doubled.apgd_steps == 2 * Budget().apgd_steps and doubled.square_queries == Budget().square_queries
+
+
+def test_random_streams_are_keyed_by_example_not_by_batch():
+    a = example_uniform([3, 7, 9], (2, 2), seed=1, tag="t")
+    b = example_uniform([9, 3], (2, 2), seed=1, tag="t")
+    assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0]) and not torch.equal(a[0], a[1])
