@@ -59,7 +59,10 @@ def test_planner_under_sanitizers(tmp_path):
     assert r.returncode == 0 and " 0 failed" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
 
 
-@pytest.mark.parametrize("program", sorted(PROGRAMS))
+# The emulation and the division proof take seconds to compile and run: slow here, and
+# scripts/check_cuda_kernels.sh (CI) runs them with more cases anyway.
+@pytest.mark.parametrize("program", [p if p == "plan_test" else pytest.param(p, marks=pytest.mark.slow)
+                                     for p in sorted(PROGRAMS)])
 def test_host_program(host_objects, tmp_path, program):
     flags, nobjects, args = PROGRAMS[program]
     exe = tmp_path / program

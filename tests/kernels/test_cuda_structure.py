@@ -7,6 +7,8 @@ Torch glue is the only CUDA-side file that sees torch. The GPU run's script pass
 import os
 import pathlib
 import re
+
+import pytest
 import subprocess
 import sys
 
@@ -63,6 +65,7 @@ def test_cuda_glue_registers_both_ops():
         assert re.search(rf'm\.impl\("{op}"', glue), op
 
 
+@pytest.mark.slow
 def test_gpu_verify_dry_run(tmp_path):
     """The GPU run's script without a GPU: host steps, the measuring scripts' dry runs (cases,
     byte counts, tables, every op called once on the CPU), then it stops, saying so."""

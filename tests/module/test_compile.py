@@ -112,8 +112,9 @@ def _with_grads(fn, x, step, min_step):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("min_step", [0.0, 0.05])
+@pytest.mark.parametrize("dtype,min_step", [(torch.float32, 0.05)] + [
+    pytest.param(d, m, marks=pytest.mark.slow)  # a compile each: the rest of the grid is slow
+    for d in (torch.float32, torch.bfloat16, torch.float16) for m in (0.0, 0.05) if (d, m) != (torch.float32, 0.05)])
 def test_compiled_op_is_bitwise_the_eager_op(device, dtype, min_step):
     """Inductor's code for the decomposed op: y and dx bitwise equal to the eager kernels (IEEE
     division, round half to even, the same clamp), NCHW and channels_last; dstep within float32
