@@ -96,6 +96,16 @@ def _filtered(config):
                 or getattr(opt, "exitfirst", False))
 
 
+def _portable(arg):
+    """A command-line argument as a reader can use it: paths inside the repository relative to
+    it, other absolute paths by their last part (no machine's folders in the results files)."""
+    root = Path(__file__).resolve().parents[1]
+    if not os.path.isabs(arg):
+        return arg
+    path = Path(arg)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else f".../{path.name}"
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     b = getattr(config, "_dqa_bench", None)
@@ -114,7 +124,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not devices:
         return
     elapsed = time.perf_counter() - b.started
-    settings = {"command": "pytest " + shlex.join(config.invocation_params.args), "budget_s": b.budget_s,
+    settings = {"command": "pytest " + shlex.join(map(_portable, config.invocation_params.args)), "budget_s": b.budget_s,
                 "elapsed_s": elapsed, "load_start": b.load_start}
     envs = {d: _machine.environment(d, settings) for d in devices}
     tr = terminalreporter
