@@ -10,6 +10,7 @@ ROBUST_MODULES = {
     "art": "adversarial-robustness-toolbox",
     "mlxtend": "mlxtend",
     "matplotlib": "matplotlib",
+    "scipy": "scipy",
     "tqdm": "tqdm",
 }
 

@@ -73,6 +73,7 @@ def _add_budget(p):
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; its help is read from the attack catalog when it is built."""
     from .attack_checkpoints import DEFAULT_OUT as ATTACK_OUT
+    from .merge import DEFAULT_OUT as MERGE_OUT
     from .presets import PRESETS
     from .reproduce import DEFAULT_OUT as REPRODUCE_OUT
 
@@ -130,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding results.json, or the file")
     r.add_argument("--out", metavar="DIR", help="output folder (default: the results' folder)")
 
+    g = sub.add_parser("merge", help="merge several runs' per-image results on the same checkpoints into one "
+                                     "worst case")
+    g.add_argument("results", nargs="+", metavar="RESULTS", help="results.json files (or their folders) of "
+                   "`dqa attack` / `dqa reproduce` runs on the same checkpoints and images")
+    g.add_argument("--out", default=MERGE_OUT, metavar="DIR", help="output folder")
+
     sub.add_parser("info", help="print the backend and versions (JSON)")
 
     p = sub.add_parser("reproduce", help="the paper's experiment matrix, trained, attacked and reported")
@@ -185,6 +192,14 @@ def _report(ns, argv) -> int:
     return 0
 
 
+def _merge(ns, argv) -> int:
+    from .merge import merge_runs
+    from .provenance import portable_command
+
+    merge_runs(ns.results, ns.out, command=portable_command(argv))
+    return 0
+
+
 def _info(ns, argv) -> int:
     import dqa_ext
 
@@ -201,7 +216,8 @@ def _reproduce(ns, argv) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "attack": _attack, "report": _report, "info": _info, "reproduce": _reproduce}
+COMMANDS = {"train": _train, "attack": _attack, "report": _report, "merge": _merge, "info": _info,
+            "reproduce": _reproduce}
 INTERRUPTED = {"train": "training checkpoints are kept; rerun with --resume",
                "reproduce": "checkpoints and finished evaluations are kept; rerun with --resume"}
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from . import checks
 from .attacks import catalog
+from .comparisons import compare
+from .stats import ALPHA, proportion_interval
 from .errors import AttackError
 from .outputs import check_output_dir, write_bytes_atomic, write_text_atomic
 from .plots import PLOTS, baseline
@@ -50,7 +52,7 @@ def headline_table(results: dict) -> list[str]:
         q = ch.get("ste_vs_quant_aware", {})
         conv = ch.get("convergence")
         wc = ev["worst_case"]
-        lo, hi = checks.interval(sum(wc["robust"]), wc["n"]) if "robust" in wc else (None, None)
+        lo, hi = proportion_interval(sum(wc["robust"]), wc["n"]) if "robust" in wc else (None, None)
         reruns = " and ".join(_label(a) for a in conv.get("attacks", [conv["attack"]])) if conv else ""
         rows.append("| " + " | ".join([
             str(i), m["name"], _pct(ev["clean"]["acc"]), f"**{_pct(wc['acc'])}**",
@@ -66,8 +68,8 @@ def headline_table(results: dict) -> list[str]:
     rows += ["", f"- **Clean**, **Adaptive worst case**, **{alone}**, **Large-eps**: accuracy in % on the first {n} "
              "test images.",
              "- **Adaptive worst case**: an image counts only if the model classifies it correctly and no attack "
-             "of this report (all columns below) breaks it. Models are ranked by it; **95% interval**: Wilson's "
-             "interval of it over these images.",
+             "of this report (all columns below) breaks it. Models are ranked by it; **95% interval**: its exact "
+             "(Clopper-Pearson) interval over these images.",
              f"- **{alone}**: the paper's {base.label if base else 'attack'} with straight-through gradients, as the "
              "paper evaluated.",
              "- **Only quant.-aware**: images that attacks through a smooth twin or a surrogate backward broke and no "
@@ -79,6 +81,47 @@ def headline_table(results: dict) -> list[str]:
              "- **Large-eps**: APGD-CE at an epsilon covering the whole pixel range; it must reach 0.",
              "- **Flags**: the number of warnings listed below the tables."]
     return rows
+
+
+def comparison_table(results: dict) -> list[str]:
+    """The paired comparisons (comparisons.py): a difference is a finding only where it is significant."""
+    rows = compare(results["models"])
+    if not rows:
+        return []
+    out = ["| Comparison | Model A | Model B | A | B | Only A keeps | Only B keeps | p (exact McNemar) | "
+           "p (Holm) | Significant |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append("| " + " | ".join([r["what"], r["a"], r["b"], _pct(r["acc_a"]), _pct(r["acc_b"]), str(r["a_only"]),
+                                      str(r["b_only"]), _p(r["p"]), _p(r["p_holm"]),
+                                      "**yes**" if r["significant"] else "no"]) + " |")
+    out += ["", "Every model is attacked on the same images, so two models are compared image by image: **Only A "
+            "keeps** counts the images that A classifies right under every attack and B does not. The exact "
+            "McNemar test asks whether those discordant images split more unevenly than chance; **p (Holm)** "
+            f"adjusts it for the comparisons of this report that have a discordant image. A difference is "
+            f"significant when p (Holm) < {ALPHA:g}; otherwise these images do not show one either way."]
+    return out
+
+
+def _p(p: float) -> str:
+    return "<0.0001" if p < 1e-4 else f"{p:.4f}" if p < 0.01 else f"{p:.2f}"
+
+
+def runs_table(results: dict) -> list[str]:
+    """`dqa merge`'s results: each run's worst case beside the merged one, and what only it broke."""
+    merged = [m for m in ranked(results) if m["eval"].get("runs")]
+    if not merged:
+        return []
+    runs = merged[0]["eval"]["runs"]
+    out = ["| Model | **Merged** | " + " | ".join(f"Run {i + 1}" for i in range(len(runs))) + " |",
+           "|---" * (len(runs) + 2) + "|"]
+    for m in merged:
+        cells = [f"{_pct(r['acc'])} ({len(r['broke_alone'])} only here)" for r in m["eval"]["runs"]]
+        out.append(f"| {m['name']} | **{_pct(m['eval']['worst_case']['acc'])}** | " + " | ".join(cells) + " |")
+    out += [""] + [f"- Run {i + 1}: `{r['command']}`" for i, r in enumerate(runs)]
+    out += ["", "An image counts in **Merged** only if every run left it robust. *Only here*: images that this "
+            "run broke and every other run left robust (a sign that neither run has converged on them). The "
+            "tables below are the first run's."]
+    return out
 
 
 def _names_in(results: dict, key: str, names: list[str]) -> list[str]:
@@ -176,6 +219,12 @@ def markdown(results: dict, plots: dict) -> str:
              + (f", {_minutes(earlier)} of it before the run was resumed" if earlier else "")
              + (f" on {s['processes']} processes" if s.get("processes", 1) > 1 else "") + ".", "",
              "## Robust accuracy under adaptive attack", ""] + headline_table(results)
+    runs = runs_table(results)
+    if runs:
+        lines += ["", "## Runs merged", ""] + runs
+    paired = comparison_table(results)
+    if paired:
+        lines += ["", "## Which differences are real", ""] + paired
     lines += ["", "## The adaptive suite, attack by attack", ""] + cascade_table(results)
     paper = prefix_table(results, (catalog.STE, catalog.BLACK, "true-gradient"),
                          "Each attack alone, on its own test-set prefix (n in the header), as the paper ran them; they "

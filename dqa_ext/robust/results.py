@@ -3,11 +3,12 @@ read back and checked, and which results a folder holds (outputs of one command 
 another command's).
 
   tool, schema       "dqa_ext.robust", SCHEMA (files without "schema" are version 1)
-  producer           "attack" or "reproduce": the command that wrote it
+  producer           "attack", "reproduce" or "merge": the command that wrote it
   command            the command line, paths reduced to names (provenance.portable_command)
   settings           data, eps, attacks, device, processes, ... (the producer's own)
   provenance         versions, CPU model, cores, threads, GPU (provenance.provenance)
   models             per model: name, activation, training, checkpoint (relative to the folder),
+                     checkpoint_sha256 (its content, so that runs on one checkpoint can be merged),
                      eval (evaluate.evaluate_model's result), train (history, config), flags
   expected_models    how many models the run evaluates; complete: all of them are in
   wall_seconds       the run's time, summed over the sessions of a resumed run (resumed_seconds:
@@ -15,6 +16,7 @@ another command's).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from .errors import UserError
 from .provenance import portable_config, portable_path, provenance
 
 SCHEMA = 2
-PRODUCERS = ("attack", "reproduce")
+PRODUCERS = ("attack", "reproduce", "merge")
 REQUIRED_EVAL = ("eps", "n", "clean", "worst_case", "cascade", "budget")
 
 
@@ -46,10 +48,23 @@ def add_model(results: dict, *, name: str, activation: str, training: str, check
     if seconds is not None:
         train = {"seconds": seconds, "checkpoint": portable_path(checkpoint, folder), **train}
     entry = {"name": name, "activation": activation, "training": training,
-             "checkpoint": portable_path(checkpoint, folder), "eval": ev, "train": train, "flags": checks.flags(ev)}
+             "checkpoint": portable_path(checkpoint, folder), "checkpoint_sha256": file_sha256(checkpoint), "eval": ev,
+             "train": train, "flags": checks.flags(ev)}
     results["models"].append(entry)
     results["complete"] = len(results["models"]) >= results.get("expected_models", 0)
     return entry
+
+
+def file_sha256(path) -> str | None:
+    """The content hash of a checkpoint (None when there is no such file)."""
+    p = Path(path) if path is not None else None
+    if p is None or not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def producer_of(results: dict) -> str | None:

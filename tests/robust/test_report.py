@@ -26,7 +26,7 @@ def test_report_and_figures_are_written_ranked_by_the_worst_case(tmp_path):
     assert "dqa reproduce --out X" in md and "![accuracy against epsilon](acc_vs_eps.png)" in md
     rows = [line for line in md.splitlines() if line.startswith(("| 1 |", "| 2 |", "| 3 |"))]
     assert [r.split(" | ")[1] for r in rows] == ["fixed2-pgd", "dqa2-pgd", "relu-standard"]
-    assert "| 1 | fixed2-pgd | 99.0 | **45.0** | 35.6-54.8 | 40.0 | 0 | 0 | 0 (APGD-CE) | 0.0 | 0 |" in md
+    assert "| 1 | fixed2-pgd | 99.0 | **45.0** | 35.0-55.3 | 40.0 | 0 | 0 | 0 (APGD-CE) | 0.0 | 0 |" in md
     assert "60 / 99 -> 39.0" in md and "- **Adaptive worst case**:" in md and "Partial" not in md
     saved = json.loads(paths["results"].read_text())
     assert saved == json.loads(json.dumps(results))  # the report renders; it does not edit the results
