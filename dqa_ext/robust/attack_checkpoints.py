@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+from . import adversarial
 from .attacks import catalog
 from .attacks.budget import Budget
 from .attacks.shard import shard_from_env
@@ -70,9 +71,10 @@ def attack_checkpoints(checkpoints, *, data: str = "mnist5k", data_dir=None, att
         if name in named:  # two checkpoints of one kind: tell them apart by file
             name = f"{name} ({Path(path).name})"
         named[name] = (path, model)
+    points = {}
     evals = evaluate_models({k: m for k, (_, m) in named.items()}, ds, attacks=attacks, eps=eps, budget=budget,
                             attack_grad=attack_grad, sweep=sweep, sweep_eps=sweep_eps, seed=seed, shard=shard, log=log,
-                            progress_bar=progress_bar)
+                            progress_bar=progress_bar, on_points=points.__setitem__)
     if not shard.main:
         leave_process_group()
         return None
@@ -85,6 +87,9 @@ def attack_checkpoints(checkpoints, *, data: str = "mnist5k", data_dir=None, att
                   ev=evals[name], history=meta["history"], config=meta["config"], folder=out)
     results["wall_seconds"] = time.time() - t0
     paths = write_report(results, out)
-    log(f"wrote {paths['report']}")
+    adversarial.clear(out)  # an earlier run's images in this (our own) folder would read as this one's
+    for name, (path, _) in named.items():
+        adversarial.save(out, name, points[name], eps=settings["eps"], checkpoint=path)
+    log(f"wrote {paths['report']} and the adversarial images behind it ({adversarial.FOLDER}/)")
     leave_process_group()
     return paths["report"]

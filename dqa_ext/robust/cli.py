@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "`dqa attack` / `dqa reproduce` runs on the same checkpoints and images")
     g.add_argument("--out", default=MERGE_OUT, metavar="DIR", help="output folder")
 
+    v = sub.add_parser("verify", help="check every saved adversarial image of a report again on its checkpoint")
+    v.add_argument("path", nargs="?", default=REPRODUCE_OUT, metavar="PATH",
+                   help="report folder (results.json, the checkpoints it names, adversarial/)")
+    v.add_argument("--checkpoint-dir", metavar="DIR", help="folder of the checkpoints that results.json names "
+                   "(default: the report's folder; `dqa reproduce` keeps them there)")
+    v.add_argument("--data-dir", metavar="DIR", help="folder with the MNIST IDX files or cifar-10-batches-py")
+    v.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
     sub.add_parser("info", help="print the backend and versions (JSON)")
 
     p = sub.add_parser("reproduce", help="the paper's experiment matrix, trained, attacked and reported")
@@ -200,6 +208,15 @@ def _merge(ns, argv) -> int:
     return 0
 
 
+def _verify(ns, argv) -> int:
+    from .adversarial import verify
+    from .devices import resolve_device
+
+    verify(ns.path, checkpoint_dir=ns.checkpoint_dir, data_dir=ns.data_dir, device=resolve_device(ns.device))
+    print("every saved adversarial image holds")
+    return 0
+
+
 def _info(ns, argv) -> int:
     import dqa_ext
 
@@ -216,8 +233,8 @@ def _reproduce(ns, argv) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "attack": _attack, "report": _report, "merge": _merge, "info": _info,
-            "reproduce": _reproduce}
+COMMANDS = {"train": _train, "attack": _attack, "report": _report, "merge": _merge, "verify": _verify,
+            "info": _info, "reproduce": _reproduce}
 INTERRUPTED = {"train": "training checkpoints are kept; rerun with --resume",
                "reproduce": "checkpoints and finished evaluations are kept; rerun with --resume"}
 

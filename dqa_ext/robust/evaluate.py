@@ -35,9 +35,10 @@ from .progress import Progress, Silent
 # ------------------------------------------------------------------ one attack
 def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, budget: Budget, *,
                attack_grad: str = "bpda", x_seed: torch.Tensor | None = None, seed: int = 0,
-               num_classes: int = 10) -> dict:
+               num_classes: int = 10, points: dict | None = None) -> dict:
     """One prefix attack alone on (x, y); returns per-example survival (``correct``) and its numbers.
-    An example counts as robust only if the model is right on it both clean and under attack."""
+    An example counts as robust only if the model is right on it both clean and under attack.
+    ``points``: {image position: (attack, adversarial image)} gets the points that broke images."""
     s = catalog.spec(name)
     if s.stage != "prefix":
         raise AttackError(f"{name} is a cascade attack: it runs in evaluate(), on the survivors of the others")
@@ -53,6 +54,9 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     o = s.runner(Target(model, x, y, torch.arange(len(x)), eps, budget, seed=seed, attack_grad=attack_grad,
                         x_seed=x_seed, num_classes=num_classes))
     correct = clean_ok & ~o.broken.numpy()
+    if points is not None and o.x_adv is not None:
+        for i in np.flatnonzero(clean_ok & o.broken.numpy()).tolist():
+            points.setdefault(i, (name, o.x_adv[i].detach().float().cpu()))
     out.update(o.info)
     out.update(acc=float(correct.mean()), correct=correct.astype(int).tolist(), seconds=time.time() - t0)
     return out
@@ -74,10 +78,11 @@ def run_cascade_attack(name, model, x, y, ids, eps, b: Budget, *, seed=0, source
 
 
 def _on_survivors(name, model, xd, yd, ids, robust, eps, b, seed, sources, progress, planned, *, label=None,
-                  show=True):
+                  show=True, points=None):
     """One cascade attack on the images still robust (``robust``, updated). ``status`` per image:
     1 survived, 0 broken, None not attacked; ``robust_after`` is over these images. ``planned``: the
-    units the progress counted on for it; ``show``: print its line (one process: at once)."""
+    units the progress counted on for it; ``show``: print its line (one process: at once);
+    ``points``: {test-set index: (attack, adversarial image)} gets the verified points."""
     t = time.time()
     label = label or name
     todo = torch.nonzero(robust).flatten()
@@ -87,8 +92,11 @@ def _on_survivors(name, model, xd, yd, ids, robust, eps, b, seed, sources, progr
     status, broke, info = [None] * len(robust), 0, {}
     if len(todo):
         dt = todo.to(xd.device)
-        broken, _, info = run_cascade_attack(name, model, xd[dt], yd[dt], ids[todo], eps, b, seed=seed,
-                                             sources=sources)
+        broken, x_found, info = run_cascade_attack(name, model, xd[dt], yd[dt], ids[todo], eps, b, seed=seed,
+                                                   sources=sources)
+        if points is not None:
+            for j in torch.nonzero(broken).flatten().tolist():
+                points.setdefault(int(ids[todo[j]]), (label, x_found[j].detach().float().cpu()))
         hit = todo[broken]
         robust[hit] = False
         broke = len(hit)
@@ -196,14 +204,17 @@ def planned_units(attacks, b: Budget, n: int, quantized: bool, *, sweep: bool, n
 # ------------------------------------------------------------------ the evaluation of one model
 def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budget, attacks=None, seed: int = 0,
                    sources=None, x_seed=None, num_classes: int = 10, attack_grad: str = "bpda", sweep: bool = True,
-                   sweep_eps=None, log=print, shard: Shard | None = None, progress: Progress | None = None) -> dict:
+                   sweep_eps=None, log=print, shard: Shard | None = None, progress: Progress | None = None,
+                   points: dict | None = None) -> dict:
     """Attack one classifier (logits out, pixels in [0, 1]) on (x, y); returns a JSON-ready result.
 
     ids: each image's index in the test set (keys the random streams; default 0..n-1). sources:
     {name: transfer candidates indexed by test-set index} from the other models of the run.
     shard: under torchrun, this rank's part (attacks/shard.py); every rank calls this and gets the
     whole result, per example the same as one process's. progress: where the work is reported (by
-    default a line per attack through ``log``)."""
+    default a line per attack through ``log``). points: a dict that gets, per test-set index of an
+    image the worst case counts as broken, (attack, the adversarial image that broke it), for
+    adversarial.save (every rank calls it with one or none)."""
     b = budget.validate()
     attacks = catalog.check_attacks(attacks)
     shard = shard or Shard()
@@ -230,13 +241,16 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
 
     # The prefix attacks, each on its own prefix (sharded: each whole attack on one rank).
     prefix = [a for a in attacks if catalog.spec(a).stage == "prefix"]
-    mine = {}
+    mine, my_points = {}, ({} if points is not None else None)
     for name in shard.tasks(prefix):
         s = catalog.spec(name)
         k = min(getattr(b, s.prefix) if s.prefix else n, n)
         progress.doing(f"{s.label} on {k} images")
+        found_at = {} if points is not None and s.in_worst_case else None
         mine[name] = run_attack(name, model, x[:k], y[:k], eps, b, attack_grad=attack_grad, x_seed=x_seed,
-                                seed=seed, num_classes=num_classes)
+                                seed=seed, num_classes=num_classes, points=found_at)
+        for i, found_point in (found_at or {}).items():
+            my_points.setdefault(int(ids[i]), found_point)
         progress.advance(s.units(b) * k, _prefix_line(mine[name]) if alone else None)
     found = {k: v for part_ in shard.gather(mine) for k, v in part_.items()}
     out["paper"] = {name: found[name] for name in prefix}
@@ -252,7 +266,7 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
     with input_gradients_only(model):
         for name in order:
             casc[name] = _on_survivors(name, model, xd, yd, pids, robust, eps, b, seed, sources, progress,
-                                       catalog.spec(name).units(b) * len(part), show=alone)
+                                       catalog.spec(name).units(b) * len(part), show=alone, points=my_points)
         # Convergence: the strongest attack of each rerun family (the one that broke the most over
         # all ranks), again on the survivors with twice the steps and restarts.
         broke = {a: sum(c[a] for c in shard.gather({a: casc[a]["broke"] for a in order})) for a in order}
@@ -263,7 +277,7 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
                 continue
             strongest = max(ran, key=lambda a: broke[a])
             r = _on_survivors(strongest, model, xd, yd, pids, robust, eps, b.scaled(2), seed + 1, sources,
-                              progress, planned[family] * len(part), label=rerun, show=alone)
+                              progress, planned[family] * len(part), label=rerun, show=alone, points=my_points)
             r.update(rerun_of=strongest)
             casc[rerun] = r
         if "apgd_ce" in attacks:
@@ -294,6 +308,10 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
                                   "attack": "APGD-CE" + (" + twin (clip) APGD-CE" if quantized else ""),
                                   "steps": b.sweep_steps}
     out["worst_case"] = checks.worst_case(out)
+    if points is not None:
+        for found_points in shard.gather(my_points):
+            for i, found_point in found_points.items():
+                points.setdefault(i, found_point)
     out["checks"].update(checks.gap_checks(out))
     out["steps"] = learned_steps(model)
     out["seconds"] = time.time() - t0
@@ -354,10 +372,12 @@ def evaluate(model: nn.Module, dataset, attacks=None, *, eps: float | None = Non
 
 def evaluate_models(models: dict, dataset, attacks=None, *, eps: float | None = None, budget: Budget | None = None,
                     seed: int = 0, sweep: bool = True, sweep_eps=None, attack_grad: str = "bpda", log=print,
-                    on_result=None, cached=None, shard: Shard | None = None, progress_bar: bool | None = None) -> dict:
+                    on_result=None, cached=None, shard: Shard | None = None, progress_bar: bool | None = None,
+                    on_points=None) -> dict:
     """Evaluate several models of one run, each also under transfer from all the others.
 
-    ``on_result(name, result)`` is called as each model finishes (reproduce saves it there);
+    ``on_result(name, result)`` is called as each model finishes (reproduce saves it there), after
+    ``on_points(name, points)`` with its adversarial points (see evaluate_model) where given;
     ``cached`` holds results of a resumed run: those models only serve as transfer sources.
     ``shard``: under torchrun, this rank's part (every rank calls this; only rank 0 logs and
     should write), see attacks/shard.py. ``progress_bar``: a bar with the time left (default: when
@@ -392,10 +412,13 @@ def evaluate_models(models: dict, dataset, attacks=None, *, eps: float | None = 
                 results[name] = cached[name]
             else:
                 progress.say(f"-- attacking {name}")
+                points = {} if on_points is not None else None
                 results[name] = evaluate_model(m, x, y, eps=eps, budget=budget, attacks=attacks, seed=seed,
                                                sources={k: v for k, v in cands.items() if k != name}, x_seed=x_seed,
                                                num_classes=num_classes, attack_grad=attack_grad, sweep=sweep,
-                                               sweep_eps=sweep_eps, shard=shard, progress=progress)
+                                               sweep_eps=sweep_eps, shard=shard, progress=progress, points=points)
+                if on_points is not None:
+                    on_points(name, points)
             if on_result is not None:
                 on_result(name, results[name])
     finally:

@@ -18,7 +18,7 @@ from .outputs import check_output_dir, write_bytes_atomic, write_text_atomic
 from .plots import PLOTS, baseline
 from .results import claim_folder, load_results, producer_of
 
-FILES = ("results.json", "report.md") + tuple(name for name, _, _ in PLOTS)
+FILES = ("results.json", "report.md") + tuple(name for name, _, _ in PLOTS) + ("adversarial/",)
 
 
 def _pct(v) -> str:

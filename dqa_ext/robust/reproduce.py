@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from . import adversarial
 from .attacks import catalog
 from .attacks.budget import Budget
 from .attacks.common import device_of
@@ -132,8 +133,12 @@ def reproduce(preset: str = "default", out: str | Path = DEFAULT_OUT, data_dir: 
             results["resumed_seconds"] = earlier or None
             write_report(results, folder)  # partial reports (marked so) survive an interrupted run
 
+        def points_of(name, points):
+            if main:
+                adversarial.save(folder, name, points, eps=eps, checkpoint=folder / "models" / f"{name}.pt")
+
         evaluate_models(models, ds, attacks=attacks, eps=eps, budget=budget, seed=seed, log=log, on_result=done,
-                        cached=cached, shard=shard, progress_bar=progress_bar)
+                        cached=cached, shard=shard, progress_bar=progress_bar, on_points=points_of)
         if main:
             paths = write_report(results, folder)
             log(f"wrote {paths['report']} ({results['wall_seconds']:.0f} s)")

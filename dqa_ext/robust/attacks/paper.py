@@ -93,7 +93,7 @@ def _run_bounded(t: Target, name: str, model: nn.Module) -> Outcome:
     adv = _bounded(name, clf, t.eps, t.budget).generate(xn, y=yn)
     if np.abs(adv - xn).max() > t.eps + 1e-5:
         raise AssertionError(f"{name} left the eps ball")
-    return Outcome(_wrong(t.model, adv, yn))
+    return Outcome(_wrong(t.model, adv, yn), torch.from_numpy(adv))
 
 
 def _run_unbounded(t: Target, adv: np.ndarray) -> Outcome:
@@ -105,7 +105,7 @@ def _run_unbounded(t: Target, adv: np.ndarray) -> Outcome:
     success = clean_ok & (predict(t.model, adv) != yn)
     l2 = np.sqrt(((adv - xn).reshape(len(xn), -1) ** 2).sum(1))
     proj = project_linf(torch.from_numpy(adv), t.x.cpu().float(), t.eps)
-    return Outcome(_wrong(t.model, proj, yn),
+    return Outcome(_wrong(t.model, proj, yn), proj,
                    info={"success_rate": float(success.sum() / max(1, clean_ok.sum())),
                          "median_l2": float(np.median(l2[success])) if success.any() else None})
 
