@@ -85,8 +85,10 @@ def headline_table(results: dict) -> list[str]:
 
 def comparison_table(results: dict) -> list[str]:
     """The paired comparisons (comparisons.py): a difference is a finding only where it is significant."""
-    rows = compare(results["models"])
-    if not rows:
+    every = compare(results["models"])
+    rows = [r for r in every if r["a_only"] + r["b_only"]]
+    same = len(every) - len(rows)
+    if not every:
         return []
     out = ["| Comparison | Model A | Model B | A | B | Only A keeps | Only B keeps | p (exact McNemar) | "
            "p (Holm) | Significant |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -99,6 +101,9 @@ def comparison_table(results: dict) -> list[str]:
             "McNemar test asks whether those discordant images split more unevenly than chance; **p (Holm)** "
             f"adjusts it for the comparisons of this report that have a discordant image. A difference is "
             f"significant when p (Holm) < {ALPHA:g}; otherwise these images do not show one either way."]
+    if same:
+        out += ["", f"Left out: {same} comparison(s) of models that keep exactly the same images (no difference to "
+                "test), such as standard-trained models that are all at 0%."]
     return out
 
 

@@ -75,3 +75,5 @@ def test_a_report_compares_like_with_like_and_calls_a_difference_only_where_it_i
     assert "## Which differences are real" in md
     assert "| vs ReLU | dqa2-pgd | relu-pgd | 0.0 | 30.0 | 0 | 30 | <0.0001 | <0.0001 | **yes** |" in md
     assert "| vs ReLU | fixed2-pgd | relu-pgd | 28.0 | 30.0 | 0 | 2 | 0.50 | 0.50 | no |" in md
+    assert "fixed1-standard" not in md.split("## Which differences are real")[1].split("##")[0].split("Left out")[0]
+    assert "Left out: 1 comparison(s) of models that keep exactly the same images" in md
