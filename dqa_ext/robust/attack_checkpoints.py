@@ -48,6 +48,8 @@ def attack_checkpoints(checkpoints, *, data: str = "mnist5k", data_dir=None, att
     if attack_grad not in ("bpda", "zero"):
         raise AttackError(f"--attack-grad must be bpda or zero, got {attack_grad!r}")
     _positive("--eps", eps)
+    if eps is not None and eps > 1:
+        raise AttackError(f"--eps must be at most 1 (pixels are in [0, 1]; 1 already covers every image), got {eps!r}")
     for e in sweep_eps or []:
         _positive("--sweep-eps", e, allow_zero=True)
     device = resolve_device(device)

@@ -12,6 +12,7 @@ reading, weights that are not finite refused, written atomically (outputs.py).
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -70,6 +71,9 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise TrainError(f"checkpoint {path} does not exist" if not path.exists()
                          else f"checkpoint {path} is not a regular file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise TrainError(f"cannot read checkpoint {path}: not a file written by `dqa train` (not a PyTorch "
+                         "checkpoint at all)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types, some with multi-line messages

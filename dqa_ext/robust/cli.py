@@ -177,7 +177,10 @@ def _train(ns, argv) -> int:
                               pgd_step_size=ns.pgd_step_size, eps_warmup=ns.eps_warmup, n_train=ns.n_train,
                               init_from=ns.init_from, seed=ns.seed, device=ns.device, amp=not ns.no_amp, out=ns.out,
                               resume=ns.resume, force=ns.force))
-    if model.dqa_meta["epochs_run"]:  # 0: a resumed checkpoint that was already finished
+    from .distributed import world_from_env
+
+    # epochs_run 0: a resumed checkpoint that was already finished; under torchrun rank 0 wrote it.
+    if model.dqa_meta["epochs_run"] and world_from_env()[1] == 0:
         print(f"wrote {ns.out}")
     return 0
 

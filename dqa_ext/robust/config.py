@@ -54,6 +54,11 @@ class TrainConfig:
         _check_number("lr", self.lr, positive=True)
         _check_number("weight_decay", self.weight_decay)
         _check_number("eps", self.eps)
+        if self.eps is not None and self.eps > 1:
+            raise TrainError(f"--eps must be at most 1 (pixels are in [0, 1]; 1 already covers every image), "
+                             f"got {self.eps!r}")
+        if self.resume and self.force:
+            raise TrainError("--resume continues --out's run and --force replaces it: give one of them")
         _check_number("pgd_step_size", self.pgd_step_size, positive=True)
         _check_number("eps_warmup", self.eps_warmup)
         # The architecture follows from the data's channels, so its settings can be checked now.

@@ -44,6 +44,8 @@ def check_reproduce(preset: str, out, data_dir, *, device: str, resume: bool, fo
     """Every argument and output location, before any work: (preset, folders, budgets)."""
     if preset not in PRESETS:
         raise UserError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if resume and force:
+        raise UserError("--resume continues the run under --out and --force retrains it: give one of them")
     if preset == "paper" and not data_dir:
         raise UserError("--preset paper needs --data-dir with the MNIST IDX files and cifar-10-batches-py")
     resolve_device(device)

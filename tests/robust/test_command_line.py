@@ -36,6 +36,7 @@ def no_work(monkeypatch):
     (["report", "/nonexistent"], "no results file"),
     (["reproduce", "--preset", "paper"], "--data-dir"),
     (["reproduce", "--preset", "huge"], "invalid choice"),
+    (["reproduce", "--resume", "--force"], "give one of them"),
 ])
 def test_errors_are_one_line(capsys, argv, match):
     assert match in one_line_error(capsys, argv)
@@ -49,6 +50,7 @@ BAD_TRAIN = [
     (["--batch-size", "0"], "--batch-size"), (["--epochs", "0"], "--epochs"), (["--eps", "-1"], "--eps"),
     (["--eps", "nan"], "--eps"), (["--pgd-steps", "0"], "--pgd-steps"), (["--pgd-step-size", "0"], "--pgd-step-size"),
     (["--eps-warmup", "-1"], "--eps-warmup"), (["--n-train", "0"], "--n-train"),
+    (["--eps", "2"], "--eps must be at most 1"), (["--resume", "--force"], "give one of them"),
     (["--width", "8"], "--width does not apply to mnist_cnn"),
     (["--arch", "resnet20", "--channels", "8,16"], "--channels does not apply to resnet20"),
     (["--data", "cifar10", "--data-dir", "x", "--channels", "8,16"], "--channels does not apply to resnet20"),
@@ -66,6 +68,7 @@ def test_bad_train_arguments(capsys, no_work, tmp_path, args, match):
 
 @pytest.mark.parametrize("args,match", [
     (["--eps", "-1"], "--eps"), (["--eps", "0"], "--eps"), (["--eps", "nan"], "--eps"), (["--eps", "inf"], "--eps"),
+    (["--eps", "1.5"], "--eps must be at most 1"),
     (["--n-images", "0"], "--n-images must be"), (["--sweep-eps", "0,-0.1"], "--sweep-eps"),
     (["--device", "tpu"], "--device"), (["--budget", "zoo_n=0"], "zoo_n must be >= 1"),
 ])
