@@ -4,11 +4,11 @@
   gap_checks      images that one family of attacks broke and another did not (masked gradients)
   predictions     whether the clean predictions are degenerate (constant, or not finite)
   flags           the evaluation's weaknesses, each with the numbers that raised it: Carlini et al.
-                  2019's checklist (not converged, masked straight-through gradients, black-box beats
-                  white-box, accuracy not falling with epsilon, a large epsilon not reaching 0%,
-                  single-step beating iterative, an unbounded attack not reaching 100%) and a model
-                  whose predictions are degenerate
-  at_chance, interval   the statistics of an accuracy measured on n images
+                  2019's checklist (not converged: any image a rerun finds; masked straight-through
+                  gradients, black-box beats white-box, accuracy not falling with epsilon, a large
+                  epsilon not reaching 0%, single-step beating iterative, an unbounded attack not
+                  reaching 100%) and a model whose predictions are degenerate
+  at_chance       whether an accuracy on n images is at chance (intervals and tests: stats.py)
 """
 from __future__ import annotations
 
@@ -76,9 +76,10 @@ def gap_checks(ev: dict) -> dict:
               "black_box_vs_gradient": {"only_black_box": int((black & ~gradient).sum()), "n": n}}
     done = [casc[k] for k in reruns if k in casc]
     if done:
+        extra = sorted({i for r in done for i, st in enumerate(r["status"]) if st == 0})
         checks["convergence"] = {"attack": " + ".join(r["rerun_of"] for r in done),
                                  "attacks": [r["rerun_of"] for r in done],
-                                 "extra_broken": sum(r["broke"] for r in done),
+                                 "extra_broken": sum(r["broke"] for r in done), "images": extra,
                                  "survivors": done[0]["attacked"], "n": n}
     return checks
 
@@ -97,16 +98,6 @@ def at_chance(acc: float, n: int, num_classes: int) -> bool:
     return acc <= p + 3 * math.sqrt(p * (1 - p) / max(1, n))
 
 
-def interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson's 95% interval of a proportion k / n."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = k / n
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
 # ---------------------------------------------------------------- flags
 def _tol(n: int) -> float:
     """More than 1 point counts as a difference."""
@@ -115,6 +106,12 @@ def _tol(n: int) -> float:
 
 def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def _list(idx, most: int = 12) -> str:
+    """Image positions, at most ``most`` of them named."""
+    shown = ", ".join(map(str, idx[:most]))
+    return shown + (f" and {len(idx) - most} more" if len(idx) > most else "")
 
 
 def _mean(v) -> float:
@@ -144,11 +141,13 @@ def flags(ev: dict) -> list[str]:
     n = ev["n"]
     checks = ev.get("checks", {})
     c = checks.get("convergence")
-    if c and c["extra_broken"] / n > _tol(n):
+    if c and c["extra_broken"] > 0:  # no tolerance: each image the rerun finds is one the run had missed
         names = " and ".join(catalog.label(a) for a in c.get("attacks", [c["attack"]]))
-        out.append(f"not converged: {names} with twice the steps and restarts broke {c['extra_broken']} "
-                   f"more of {c['survivors']} survivors ({100 * c['extra_broken'] / n:.1f} points; the worst case "
-                   "includes them, and more budget may find more)")
+        at = f" (images {_list(c['images'])})" if c.get("images") else ""
+        out.append(f"not converged: {names} rerun with fresh seeds and twice the starts broke {c['extra_broken']} "
+                   f"more of {c['survivors']} survivors{at}, {100 * c['extra_broken'] / n:.1f} points; the worst "
+                   "case includes them, and more budget may find more")
+    out += _rare_point_flags(ev.get("cascade", {}))
     g = checks.get("ste_vs_quant_aware")
     if g and g["only_quant_aware"] / n > _tol(n):
         out.append(f"straight-through gradients are masked: quantization-aware attacks broke {g['only_quant_aware']} "
@@ -171,6 +170,25 @@ def flags(ev: dict) -> list[str]:
         out.append(f"APGD-CE at epsilon {s['eps']:g} leaves {_pct(s['acc'])}% robust (should be 0): gradients do "
                    "not lead the attack")
     out += _prefix_flags(ev.get("paper", {}))
+    return out
+
+
+# An image that fell to this share of an attack's starts or less was found by luck: more may be hiding.
+RARE_SHARE = 0.1
+
+
+def _rare_point_flags(cascade: dict) -> list[str]:
+    """Attacks that count the starts breaking each image: images broken by few of them."""
+    out = []
+    for name, r in cascade.items():
+        if not r.get("starts") or not r.get("start_hits"):
+            continue
+        rare = sorted((h, i) for i, h in r["start_hits"] if h <= RARE_SHARE * r["starts"])
+        if rare:
+            shown = ", ".join(f"image {i}: {h} of {r['starts']}" for h, i in rare[:5])
+            out.append(f"rare points: {r['label']} broke {len(rare)} of its {len(r['start_hits'])} images with at "
+                       f"most {100 * RARE_SHARE:.0f}% of its {r['starts']} starts ({shown}"
+                       f"{' and more' if len(rare) > 5 else ''}): images it left robust may fall to more starts")
     return out
 
 

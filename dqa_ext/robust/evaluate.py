@@ -3,9 +3,10 @@ every model of a run, and the measurements the checks judge (checks.py).
 
 The adaptive cascade runs as in AutoAttack: each cascade attack only on the images that every earlier
 one left robust, so its cost is the survivors' and the per-example worst case is exact; then the
-strongest straight-through and quantization-aware attacks are rerun on the survivors with twice
-the steps and restarts (convergence), APGD-CE at a huge epsilon must reach 0% (sanity), and the
-accuracy against epsilon is swept. The prefix attacks (the paper's) each run alone on their own
+straight-through and the quantization-aware attack with the highest break rate are rerun on the
+survivors with fresh seeds and twice the starts (convergence), APGD-CE from the image itself at an
+epsilon covering the whole pixel range must reach 0% (sanity), and the accuracy against epsilon is
+swept. The prefix attacks (the paper's) each run alone on their own
 test-set prefix, beside the cascade. Under torchrun every rank runs its share (attacks/shard.py).
 """
 from __future__ import annotations
@@ -111,6 +112,13 @@ def _on_survivors(name, model, xd, yd, ids, robust, eps, b, seed, sources, progr
     return r
 
 
+def most_effective(ran: list[str], broke: dict, attacked: dict) -> str:
+    """The attack of ``ran`` with the highest break rate; ties go to the later one (it ran on the
+    harder images), so with no break at all the family's last attack is rerun."""
+    rate = {a: broke[a] / attacked[a] if attacked[a] else 0.0 for a in ran}
+    return max(reversed(ran), key=lambda a: (rate[a], broke[a]))
+
+
 def merge_shards(parts, clean) -> dict:
     """The ranks' cascades as one: ``parts`` = [(image indices, {label: result on them})]. Statuses
     go back to their images, counts add up, robust_after is recomputed over all n images."""
@@ -131,6 +139,9 @@ def merge_shards(parts, clean) -> dict:
         by = [q["broken_by"] for _, q in rs if "broken_by" in q]
         if by:
             r["broken_by"] = {k: sum(b.get(k, 0) for b in by) for k in dict.fromkeys(k for b in by for k in b)}
+        hits = [pair for _, q in rs for pair in q.get("start_hits", [])]  # each rank counted its own images
+        if hits:
+            r["start_hits"] = sorted(hits)
         unverified = sum(q.get("unverified", 0) for _, q in rs)
         if unverified:
             r["unverified"] = unverified
@@ -141,14 +152,15 @@ def merge_shards(parts, clean) -> dict:
 
 
 def _sanity_counts(model, xd, yd, ids, clean, b, seed) -> tuple[int, int]:
-    """APGD-CE at a large epsilon (1.0 = the whole pixel range) on the clean-correct images: (images
-    it left robust, clean-correct images). It must leave none."""
+    """APGD-CE at a large epsilon (1.0 = the whole pixel range) from each image itself, on the
+    clean-correct images: (images it left robust, clean-correct images). It must leave none, and it
+    can fail: at x the gradients alone must lead it away (a random start would be a random image)."""
     idx = torch.from_numpy(np.flatnonzero(clean))
     if not len(idx):
         return 0, 0
     di = idx.to(xd.device)
     broken, _ = apgd(model, xd[di], yd[di], ids[idx], b.sanity_eps, steps=b.apgd_steps, restarts=1, loss="ce",
-                     seed=seed, tag="sanity", batch_size=b.batch_size)
+                     seed=seed, tag="sanity", batch_size=b.batch_size, from_image=True)
     return int((~broken).sum()), len(idx)
 
 
@@ -267,15 +279,18 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
         for name in order:
             casc[name] = _on_survivors(name, model, xd, yd, pids, robust, eps, b, seed, sources, progress,
                                        catalog.spec(name).units(b) * len(part), show=alone, points=my_points)
-        # Convergence: the strongest attack of each rerun family (the one that broke the most over
-        # all ranks), again on the survivors with twice the steps and restarts.
-        broke = {a: sum(c[a] for c in shard.gather({a: casc[a]["broke"] for a in order})) for a in order}
+        # Convergence: the attack of each rerun family with the highest break rate (broken / attacked
+        # over all ranks: the one still finding points), again on the survivors with fresh seeds and
+        # twice the starts (and steps, where they scale); every image it breaks is one the run missed.
+        counts = shard.gather({a: (casc[a]["broke"], casc[a]["attacked"]) for a in order})
+        broke = {a: sum(c[a][0] for c in counts) for a in order}
+        attacked = {a: sum(c[a][1] for c in counts) for a in order}
         planned = _rerun_units(order, b)
         for family, (rerun, _, _) in catalog.RERUNS.items():
             ran = [a for a in order if catalog.spec(a).family == family]
             if not ran:
                 continue
-            strongest = max(ran, key=lambda a: broke[a])
+            strongest = most_effective(ran, broke, attacked)
             r = _on_survivors(strongest, model, xd, yd, pids, robust, eps, b.scaled(2), seed + 1, sources,
                               progress, planned[family] * len(part), label=rerun, show=alone, points=my_points)
             r.update(rerun_of=strongest)

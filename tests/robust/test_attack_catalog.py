@@ -93,3 +93,36 @@ def test_random_streams_are_keyed_by_example_not_by_batch():
     a = example_uniform([3, 7, 9], (2, 2), seed=1, tag="t")
     b = example_uniform([9, 3], (2, 2), seed=1, tag="t")
     assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0]) and not torch.equal(a[0], a[1])
+
+
+def test_the_convergence_rerun_is_the_attack_with_the_highest_break_rate():
+    from dqa_ext.robust.evaluate import most_effective
+
+    ran = ["twin_clip", "twin_sig_low", "twin_anneal"]
+    # twin_clip broke the most images, but twin_anneal still breaks a third of what it sees
+    assert most_effective(ran, {"twin_clip": 22, "twin_sig_low": 14, "twin_anneal": 21},
+                          {"twin_clip": 82, "twin_sig_low": 60, "twin_anneal": 46}) == "twin_anneal"
+    assert most_effective(ran, {"twin_clip": 5, "twin_sig_low": 0, "twin_anneal": 0},
+                          {"twin_clip": 10, "twin_sig_low": 5, "twin_anneal": 5}) == "twin_clip"
+    # nothing broke anything (or nothing was left to attack): the family's last, strongest attack
+    assert most_effective(ran, dict.fromkeys(ran, 0), dict.fromkeys(ran, 0)) == "twin_anneal"
+
+
+@pytest.mark.parametrize("kind,grad", [("identity", [1.0, 1.0, 1.0]), ("leaky_clip", [0.1, 1.0, 0.1]),
+                                       ("leaky_sigmoid", [0.1, None, 0.1])])
+def test_non_saturating_backwards_reach_dead_and_saturated_units(kind, grad):
+    import dqa_ext
+    from dqa_ext.robust.attacks.adaptive import quantizers_as
+
+    net = torch.nn.Sequential(dqa_ext.DQAReLU(bits=2, mode="fixed")).eval()  # step 1/3: saturates at 1
+    x = torch.tensor([[-1.0, 0.2, 5.0]], requires_grad=True)  # a dead, a live and a saturated unit
+    exact = net(x)
+    exact.sum().backward()
+    assert x.grad.tolist() == [[0.0, 1.0, 0.0]]  # the straight-through estimate: nothing from two of them
+    x.grad = None
+    with quantizers_as(net, "bpda", kind, 0.2, 0.1):
+        out = net(x)
+    out.sum().backward()
+    assert torch.equal(out, exact)  # BPDA: the exact forward
+    assert all(g is None or abs(a - g) < 1e-6 for a, g in zip(x.grad[0].tolist(), grad))
+    assert (x.grad != 0).all()

@@ -96,23 +96,25 @@ def test_transfer_from_a_relu_model_breaks_an_undefended_dqa_model(relu_model, d
     assert acc < _clean(dqa_model, mnist, 100) - 0.3 and info["sources"] == ["relu"]
 
 
-class _WrongWay(torch.autograd.Function):
-    """Identity forward, negated backward: a straight-through estimate that points the wrong way."""
+class _GradientTimes(torch.autograd.Function):
+    """Identity forward, the gradient times ``scale`` backward: -1 is a straight-through estimate
+    that points the wrong way, 0 a masked one."""
 
     @staticmethod
-    def forward(ctx, y):
+    def forward(ctx, y, scale):
+        ctx.scale = scale
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, g):
-        return -g
+        return g * ctx.scale, None
 
 
 class WrongWayQuantizer(dqa_ext.DQAReLU):
     """A user's subclass (another class name: the attacks must find it by type)."""
 
     def forward(self, x):
-        return _WrongWay.apply(super().forward(x))
+        return _GradientTimes.apply(super().forward(x), -1.0)
 
 
 def _sabotaged(model):
@@ -163,28 +165,43 @@ def test_twin_forwards_are_the_surrogates_and_are_restored(dqa_model, mnist):
     torch.testing.assert_close(surrogate("sigmoid", v, s, 3, 0.01)[far], q[far], atol=1e-4, rtol=0)
 
 
-def test_annealed_twin_alternates_a_smooth_and_a_sharp_start(dqa_model, mnist, monkeypatch):
-    """Even restarts anneal from t_start, odd ones from t_start_low, each down to t_end; the
-    temperature the twin runs at is the schedule's (recorded from inside the surrogate)."""
+def test_annealed_twin_runs_each_start_on_its_own_schedule(dqa_model, mnist, monkeypatch):
+    """The starts of one image run side by side, each annealing from its own t0 (smooth or sharp)
+    down to t_end; the temperatures the twin runs at are recorded from inside the surrogate."""
     from dqa_ext.robust.attacks import adaptive
 
+    plans = [adaptive.start_plan(r, 1.0, 0.1) for r in range(8)]
+    assert {(p["loss"], p["t0"]) for p in plans} == {(k, t) for k in range(4) for t in (1.0, 0.1)}
+    assert {adaptive.start_plan(r, 1.0, 0.1)["start"] for r in range(40)} == {"uniform", "image", "vertex"}
     seen = []
     real = adaptive.surrogate
-    monkeypatch.setattr(adaptive, "surrogate", lambda kind, x, s, q, temp=0.1: seen.append(temp) or real(kind, x, s, q, temp))
+    monkeypatch.setattr(adaptive, "surrogate", lambda kind, x, s, q, temp=0.1, leak=0.0:
+                        seen.append(temp) or real(kind, x, s, q, temp, leak))
     x, y = mnist.x_test[:2], mnist.y_test[:2]
     with torch.no_grad():
         right = dqa_model(x).argmax(1) == y
     x, y = x[right][:1], y[right][:1]
-    # An epsilon of 0 keeps the image robust, so every restart runs all its steps.
-    adaptive.annealed_twin(dqa_model, x, y, torch.arange(1), 0.0, steps=5, restarts=3, t_start=1.0, t_end=0.01,
-                           t_start_low=0.1)
-    n_dqa = len(dqa_modules(dqa_model))
-    per_step = seen[::n_dqa]
-    assert len(per_step) == 15
-    for r, start in enumerate((1.0, 0.1, 1.0)):
-        run = per_step[5 * r:5 * r + 5]
-        assert run[0] == pytest.approx(start) and run[-1] == pytest.approx(0.01)
+    # An epsilon of 0 keeps the image robust, so every start runs all its steps.
+    broken, _, hits = adaptive.anneal_starts(dqa_model, x, y, torch.arange(1), 0.0, steps=5, restarts=8, t_start=1.0,
+                                             t_end=0.01, t_start_low=0.1)
+    assert not broken.any() and hits.tolist() == [0]
+    per_step = torch.stack(seen[::len(dqa_modules(dqa_model))]).reshape(5, 8)
+    for r, p in enumerate(plans):
+        run = per_step[:, r].tolist()
+        assert run[0] == pytest.approx(p["t0"]) and run[-1] == pytest.approx(0.01)
         assert all(a > b for a, b in zip(run, run[1:]))  # falls geometrically
+
+
+def test_annealed_twin_counts_the_starts_that_break_each_image(dqa_model, mnist):
+    from dqa_ext.robust.attacks import adaptive
+
+    x, y = _xy(mnist, 20)
+    broken, x_adv, hits = adaptive.anneal_starts(dqa_model, x, y, torch.arange(20), EPS, steps=10, restarts=6,
+                                                 t_start=1.0, t_end=0.03, t_start_low=0.3)
+    assert broken.any() and torch.equal(broken, hits > 0) and int(hits.max()) <= 6
+    with torch.no_grad():
+        assert (dqa_model(x_adv[broken]).argmax(1) != y[broken]).all()
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
 
 
 def test_convergence_check_fires_on_an_under_budgeted_run(relu_model, mnist):
@@ -193,6 +210,7 @@ def test_convergence_check_fires_on_an_under_budgeted_run(relu_model, mnist):
     ev = evaluate_model(relu_model, x, y, eps=0.08, budget=tiny, attacks=["apgd_ce"], sweep=False, log=lambda *_: None)
     conv = ev["checks"]["convergence"]
     assert conv["attack"] == "apgd_ce" and conv["extra_broken"] > 1
+    assert conv["images"] == [i for i, s in enumerate(ev["cascade"]["rerun_2x"]["status"]) if s == 0]
     assert any(f.startswith("not converged") for f in flags(ev))
     # the rerun attacked exactly the survivors, and the worst case counts what it broke
     first, rerun = ev["cascade"]["apgd_ce"], ev["cascade"]["rerun_2x"]
@@ -200,6 +218,25 @@ def test_convergence_check_fires_on_an_under_budgeted_run(relu_model, mnist):
     assert [i for i, s in enumerate(rerun["status"]) if s is not None] == survivors
     assert rerun["budget"]["apgd_steps"] == 2 and rerun["budget"]["apgd_restarts"] == 2
     assert ev["worst_case"]["acc"] == pytest.approx(first["robust_after"] - rerun["broke"] / 100)
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(_GradientTimes.apply(x, 0.0))  # no input gradient anywhere
+
+
+def test_the_large_epsilon_check_can_fail(relu_model, mnist):
+    # Started from a random point of the eps=1 box (a random image) it would read 0% whatever the
+    # gradients do; from the image itself a model with no input gradient keeps every image.
+    x, y = _xy(mnist, 40)
+    ev = evaluate_model(_Masked(relu_model).eval(), x, y, eps=0.1, budget=FAST.replace(n=40, apgd_steps=5),
+                        attacks=["apgd_ce"], sweep=False, log=lambda *_: None)
+    assert ev["checks"]["sanity"]["acc"] == pytest.approx(ev["clean"]["acc"]) and ev["clean"]["acc"] > 0.5
+    assert any(f.startswith("APGD-CE at epsilon 1 leaves") for f in flags(ev))
 
 
 def test_evaluate_keeps_per_example_results(relu_model, mnist):

@@ -10,6 +10,11 @@ masked. Here each DQAReLU of a model is temporarily given another behaviour:
   bpda      the exact forward, with the surrogate's derivative in the backward;
   zero      the exact forward, with the true derivative (zero): what a masking-blind evaluation sees.
 
+Every one of these derivatives vanishes on dead (x < 0) and saturated (x > qmax*s) units, and PGD
+training rewards a model for hiding its inputs there. Three surrogates do not saturate: ``identity``
+(Athalye et al.'s BPDA for a quantizer: the derivative 1 everywhere), ``leaky_clip`` (the clip with
+slope ``leak`` outside [0, qmax*s]) and ``leaky_sigmoid`` (the staircase plus ``leak`` * x).
+
 Attacks on a twin are always checked on the real model (see whitebox.apgd's ``check``).
 """
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .common import ce_loss, dlr_loss, example_uniform, margin, project_linf
 from .spec import Outcome, Target
 from .whitebox import apgd_ce_then_t
 
-SURROGATES = ("clip", "sigmoid")
+SURROGATES = ("clip", "sigmoid", "identity", "leaky_clip", "leaky_sigmoid")
 
 
 def step_like(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -38,15 +43,22 @@ def step_like(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return s.reshape(shape)
 
 
-def surrogate(kind: str, x: torch.Tensor, s: torch.Tensor, qmax: int, temp: float = 0.1) -> torch.Tensor:
-    """A smooth stand-in for clamp(round(x / s), 0, qmax) * s."""
-    if kind == "clip":
-        return torch.minimum(torch.relu(x), qmax * s)
-    if kind == "sigmoid":
+def surrogate(kind: str, x: torch.Tensor, s: torch.Tensor, qmax: int, temp=0.1, leak: float = 0.0) -> torch.Tensor:
+    """A smooth stand-in for clamp(round(x / s), 0, qmax) * s. ``temp``: a number, or one per example
+    (a tensor [N], for many temperature schedules in one batch)."""
+    if torch.is_tensor(temp):
+        temp = temp.reshape((-1,) + (1,) * (x.dim() - 1))
+    if kind == "identity":
+        return x
+    if kind in ("clip", "leaky_clip"):
+        clipped = torch.minimum(torch.relu(x), qmax * s)
+        return clipped + leak * (x - clipped) if kind == "leaky_clip" else clipped
+    if kind in ("sigmoid", "leaky_sigmoid"):
         v = x.float() / s
         # Clamped logits: far from a threshold the derivative underflows to denormals at low T,
         # which slows x86 arithmetic a hundredfold and adds nothing (sigmoid'(30) ~ 1e-13).
-        return s * sum(torch.sigmoid(((v - (k - 0.5)) / temp).clamp(-30, 30)) for k in range(1, qmax + 1))
+        stairs = s * sum(torch.sigmoid(((v - (k - 0.5)) / temp).clamp(-30, 30)) for k in range(1, qmax + 1))
+        return stairs + leak * x if kind == "leaky_sigmoid" else stairs
     raise ValueError(f"unknown surrogate {kind!r}; choose from {', '.join(SURROGATES)}")
 
 
@@ -60,11 +72,11 @@ class _Zero(torch.autograd.Function):
         return torch.zeros_like(grad), None
 
 
-def _behaviour(mode: str, kind: str, temp: float):
+def _behaviour(mode: str, kind: str, temp, leak: float):
     def forward(self, x):
         if mode == "zero":
             return _Zero.apply(x, type(self).forward(self, x).detach())
-        smooth = surrogate(kind, x, step_like(self, x), self.qmax, temp).to(x.dtype)
+        smooth = surrogate(kind, x, step_like(self, x), self.qmax, temp, leak).to(x.dtype)
         if mode == "twin":
             return smooth
         exact = type(self).forward(self, x).detach()
@@ -74,12 +86,12 @@ def _behaviour(mode: str, kind: str, temp: float):
 
 
 @contextlib.contextmanager
-def quantizers_as(model: nn.Module, mode: str, kind: str = "clip", temp: float = 0.1):
+def quantizers_as(model: nn.Module, mode: str, kind: str = "clip", temp=0.1, leak: float = 0.0):
     """Within the block every DQAReLU of ``model`` behaves as ``mode`` (twin, bpda or zero)."""
     if mode not in ("twin", "bpda", "zero"):
         raise ValueError(f"mode must be twin, bpda or zero, got {mode!r}")
     mods = [m for _, m in dqa_modules(model)]
-    fn = _behaviour(mode, kind, temp)
+    fn = _behaviour(mode, kind, temp, leak)
     for m in mods:
         m.forward = types.MethodType(fn, m)  # an instance attribute shadows the class's forward
     try:
@@ -90,14 +102,14 @@ def quantizers_as(model: nn.Module, mode: str, kind: str = "clip", temp: float =
 
 
 class Variant(nn.Module):
-    """``model`` seen through quantizers_as(mode, kind, temp): a callable for the attacks."""
+    """``model`` seen through quantizers_as(mode, kind, temp, leak): a callable for the attacks."""
 
-    def __init__(self, model: nn.Module, mode: str, kind: str = "clip", temp: float = 0.1):
+    def __init__(self, model: nn.Module, mode: str, kind: str = "clip", temp=0.1, leak: float = 0.0):
         super().__init__()
-        self.model, self.mode, self.kind, self.temp = model, mode, kind, temp
+        self.model, self.mode, self.kind, self.temp, self.leak = model, mode, kind, temp, leak
 
     def forward(self, x):
-        with quantizers_as(self.model, self.mode, self.kind, self.temp):
+        with quantizers_as(self.model, self.mode, self.kind, self.temp, self.leak):
             return self.model(x)
 
 
@@ -120,56 +132,109 @@ class TrueGradient(Variant):
         super().__init__(model, "zero")
 
 
-def annealed_twin(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start, t_end, t_start_low=None, seed=0,
-                  tag="twin_anneal", batch_size=500):
-    """PGD on the sigmoid-staircase twin while its temperature falls geometrically from t_start to
-    t_end (a smooth model first, then ever closer to the quantizer), with the step size falling in
-    thirds; restarts cycle through the CE, DLR and margin losses, and, given t_start_low, odd
-    restarts start from t_start_low instead. Every iterate is checked on the real model. Returns
-    (broken bool [N] on the CPU, x_adv [N]).
+def start_plan(r: int, t_start: float, t_start_low: float | None) -> dict:
+    """What start ``r`` of the annealed twin does. Eight starts cover every pairing of the four losses
+    (CE, DLR, margin, targeted margin) with the two starting temperatures (a smooth and a sharp start
+    find different rare points); then each block of eight starts from another point (uniform in the
+    ball, the image itself, a vertex of the ball) with another step size and target class."""
+    block = r // 8
+    return {"loss": r % 4, "t0": t_start_low if (t_start_low is not None and (r // 4) % 2) else t_start,
+            "start": "image" if block == 1 else ("vertex" if block % 2 == 0 and block > 0 else "uniform"),
+            "step": (1.0, 1.5, 0.67)[block % 3], "target_rank": 2 + block % 3}
 
-    Found by an independent evaluation of this project's numbers to break PGD-trained quantized
-    models that fixed-temperature twins leave standing. The points it finds are rare (a few random
-    starts in a hundred), and a smooth and a sharp start find different ones, hence both."""
-    losses = (ce_loss, dlr_loss, lambda z, t: -margin(z, t))
-    twin = Variant(model, "twin", "sigmoid", t_start)
+
+def _anneal_loss(logits, y, kind, target):
+    """Per copy, the loss its start uses (kind: 0 CE, 1 DLR, 2 margin, 3 targeted margin)."""
+    z = logits.float()
+    z_t = z.gather(1, target[:, None]).squeeze(1)
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    losses = torch.stack([ce_loss(z, y), dlr_loss(z, y), -margin(z, y), z_t - z_y])
+    return losses.gather(0, kind[None]).squeeze(0)
+
+
+def anneal_starts(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start, t_end, t_start_low=None, seed=0,
+                  tag="twin_anneal", batch_size=500):
+    """PGD on the sigmoid-staircase twin while its temperature falls geometrically from each start's
+    t0 to t_end (a smooth model first, then ever closer to the quantizer), the step size falling in
+    thirds. Each image gets ``restarts`` starts (start_plan), run as copies side by side in batches
+    of ``batch_size``, each copy with its own temperature, loss, start point and step size; every
+    iterate is checked on the real model, and a copy stops when it breaks its image.
+
+    Returns (broken bool [N] on the CPU, x_adv [N], hits int [N]): hits counts, per image, the starts
+    that broke it, out of ``restarts``: a convergence measurement (an image that falls to 1 start of
+    40 says others may fall to start 41). Found by an independent evaluation of this project's
+    numbers to break PGD-trained quantized models that fixed-temperature twins leave standing."""
     n = len(x)
-    broken = torch.zeros(n, dtype=torch.bool)
+    hits = torch.zeros(n, dtype=torch.long)
     x_adv = x.detach().clone()
-    for r in range(restarts):
-        todo = torch.nonzero(~broken).flatten()
-        for i in range(0, len(todo), batch_size):
-            idx = todo[i:i + batch_size]
-            di = idx.to(x.device)
-            xb, yb = x[di], y[di]
-            noise = example_uniform(ids[idx], tuple(x.shape[1:]), seed, f"{tag}/{r}").to(x.device)
-            xa = (xb + eps * noise).clamp(0.0, 1.0)
-            found = torch.zeros(len(idx), dtype=torch.bool, device=x.device)
-            t0 = t_start_low if (t_start_low is not None and r % 2) else t_start
-            for k in range(steps):
-                twin.temp = t0 * (t_end / t0) ** (k / max(1, steps - 1))
-                xr = xa.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    (g,) = torch.autograd.grad(losses[r % 3](twin(xr).float(), yb).sum(), xr)
-                step = eps * (1 / 6 if k < steps // 3 else (1 / 15 if k < 2 * steps // 3 else 1 / 37.5))
-                xa = project_linf(xa.detach() + step * g.sign(), xb, eps)
-                with torch.no_grad():
-                    wrong = (model(xa).argmax(1) != yb) & ~found
-                x_adv[di[wrong]] = xa[wrong]
-                found |= wrong
-            broken[idx[found.cpu()]] = True
+    twin = Variant(model, "twin", "sigmoid", t_start)
+    copies = [(i, r) for r in range(restarts) for i in range(n)]  # start by start: every image early
+    with torch.no_grad():
+        ranked = torch.cat([model(x[i:i + batch_size]).float().argsort(1, descending=True)
+                            for i in range(0, n, batch_size)]) if n else torch.zeros(0, 10, dtype=torch.long)
+    for c in range(0, len(copies), batch_size):
+        chunk = copies[c:c + batch_size]
+        img = torch.tensor([i for i, _ in chunk])
+        plans = [start_plan(r, t_start, t_start_low) for _, r in chunk]
+        di = img.to(x.device)
+        xb, yb = x[di], y[di]
+        noise = torch.empty_like(xb)
+        for r in sorted({r for _, r in chunk}):  # each start's own random stream per image
+            at = torch.tensor([k for k, (_, rr) in enumerate(chunk) if rr == r], device=x.device)
+            noise[at] = example_uniform(ids[img[at.cpu()]], tuple(x.shape[1:]), seed, f"{tag}/{r}").to(x.device)
+        for k, p in enumerate(plans):
+            if p["start"] == "image":
+                noise[k] = 0
+            elif p["start"] == "vertex":
+                noise[k] = noise[k].sign()
+        kind = torch.tensor([p["loss"] for p in plans], device=x.device)
+        target = ranked[img, torch.tensor([p["target_rank"] for p in plans]) - 1].to(x.device)
+        t0 = torch.tensor([p["t0"] for p in plans], device=x.device)
+        factor = torch.tensor([p["step"] for p in plans], device=x.device).view((-1,) + (1,) * (x.dim() - 1))
+        xa = (xb + eps * noise).clamp(0.0, 1.0)
+        act = torch.arange(len(chunk), device=x.device)  # copies that have not broken their image yet
+        for k in range(steps):
+            if not len(act):
+                break
+            twin.temp = t0[act] * (t_end / t0[act]) ** (k / max(1, steps - 1))
+            xr = xa[act].detach().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(_anneal_loss(twin(xr), yb[act], kind[act], target[act]).sum(), xr)
+            step = eps * (1 / 6 if k < steps // 3 else (1 / 15 if k < 2 * steps // 3 else 1 / 37.5))
+            with torch.no_grad():
+                xa[act] = project_linf(xr.detach() + step * factor[act] * g.sign(), xb[act], eps)
+                wrong = model(xa[act]).argmax(1) != yb[act]
+            done = act[wrong].cpu()
+            for j in done.tolist():
+                i = int(img[j])
+                if hits[i] == 0:
+                    x_adv[i] = xa[j]
+                hits[i] += 1
+            act = act[~wrong]
+    return hits > 0, x_adv, hits
+
+
+def annealed_twin(model: nn.Module, x, y, ids, eps, **kw):
+    """anneal_starts without the per-image counts: (broken bool [N] on the CPU, x_adv [N])."""
+    broken, x_adv, _ = anneal_starts(model, x, y, ids, eps, **kw)
     return broken, x_adv
 
 
 # ------------------------------------------------------------------ the suite's runners
-def _through(t: Target, name: str, kind: str, temp: float, mode: str) -> Outcome:
-    """APGD-CE + APGD-T differentiating the model seen through ``mode`` (a twin's every iterate is
-    checked on the real model)."""
+def _through(t: Target, name: str, kind: str, temp: float, mode: str, leak: float = 0.0,
+             losses=("ce",)) -> Outcome:
+    """APGD on each untargeted loss of ``losses``, then APGD-T, differentiating the model seen
+    through ``mode`` (a twin's every iterate is checked on the real model)."""
     b = t.budget
-    broken, x_adv = apgd_ce_then_t(Variant(t.model, mode, kind, temp), t.model if mode == "twin" else None, t,
+    broken, x_adv = apgd_ce_then_t(Variant(t.model, mode, kind, temp, leak), t.model if mode == "twin" else None, t,
                                    steps=b.twin_steps, restarts=b.twin_restarts, targets=b.twin_targets,
-                                   restarts_t=b.twin_restarts, tag=name)
-    return Outcome(broken, x_adv, {"surrogate": kind, "temperature": temp or None, "mode": mode})
+                                   restarts_t=b.twin_restarts, tag=name, losses=losses)
+    info = {"surrogate": kind, "temperature": temp or None, "mode": mode}
+    if leak:
+        info["leak"] = leak
+    if tuple(losses) != ("ce",):
+        info["losses"] = list(losses) + ["dlr-t"]
+    return Outcome(broken, x_adv, info)
 
 
 def run_twin_clip(t: Target) -> Outcome:
@@ -188,10 +253,26 @@ def run_bpda_sig(t: Target) -> Outcome:
     return _through(t, "bpda_sig", "sigmoid", t.budget.twin_temp_high, "bpda")
 
 
+# The non-saturating backwards: every unit passes a gradient, dead and saturated ones included.
+def run_bpda_identity(t: Target) -> Outcome:
+    return _through(t, "bpda_identity", "identity", 0.0, "bpda", losses=("ce", "margin"))
+
+
+def run_twin_leaky_clip(t: Target) -> Outcome:
+    return _through(t, "twin_leaky_clip", "leaky_clip", 0.0, "twin", leak=t.budget.twin_leak, losses=("ce", "margin"))
+
+
+def run_bpda_leaky_sig(t: Target) -> Outcome:
+    return _through(t, "bpda_leaky_sig", "leaky_sigmoid", t.budget.twin_temp_high, "bpda", leak=t.budget.twin_leak,
+                    losses=("ce", "margin"))
+
+
 def run_twin_anneal(t: Target) -> Outcome:
     b = t.budget
-    broken, x_adv = annealed_twin(t.model, t.x, t.y, t.ids, t.eps, steps=b.anneal_steps, restarts=b.anneal_restarts,
-                                  t_start=b.anneal_t_start, t_end=b.anneal_t_end, t_start_low=b.anneal_t_start_low,
-                                  seed=t.seed, tag="twin_anneal", batch_size=b.batch_size)
-    return Outcome(broken, x_adv, {"surrogate": "sigmoid", "mode": "twin",
-                                   "temperature": [b.anneal_t_start, b.anneal_t_start_low, b.anneal_t_end]})
+    broken, x_adv, hits = anneal_starts(t.model, t.x, t.y, t.ids, t.eps, steps=b.anneal_steps,
+                                        restarts=b.anneal_restarts, t_start=b.anneal_t_start, t_end=b.anneal_t_end,
+                                        t_start_low=b.anneal_t_start_low, seed=t.seed, tag="twin_anneal",
+                                        batch_size=b.batch_size)
+    return Outcome(broken, x_adv, {"surrogate": "sigmoid", "mode": "twin", "starts": b.anneal_restarts,
+                                   "temperature": [b.anneal_t_start, b.anneal_t_start_low, b.anneal_t_end],
+                                   "start_hits": [[int(t.ids[i]), int(hits[i])] for i in torch.nonzero(broken).flatten()]})

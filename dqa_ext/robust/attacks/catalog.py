@@ -21,8 +21,8 @@ _PGD = ("pgd_steps", "pgd_restarts", "pgd_step_rel")
 _CW = ("cw_n", "cw_steps", "cw_search", "cw_lr", "cw_const")
 
 
-def _twin_cost(b) -> float:
-    return 1.5 * b.twin_steps * b.twin_restarts * (1 + b.twin_targets)  # the twin, and the model checking it
+def _twin_cost(b, losses: int = 1) -> float:
+    return 1.5 * b.twin_steps * b.twin_restarts * (losses + b.twin_targets)  # the twin, and the model checking it
 
 
 def _pgd_cost(b) -> float:
@@ -73,16 +73,33 @@ CATALOG: tuple[AttackSpec, ...] = (
     AttackSpec("bpda_sig", "BPDA (sigmoid)", QUANT, "cascade", adaptive.run_bpda_sig,
                "exact forward, sigmoid-staircase derivative in the backward", uses=_TWIN_USES + ("twin_temp_high",),
                needs_quantizers=True, cost=_twin_cost),
+    # Non-saturating backwards: the derivatives above vanish on dead and saturated units; these do not.
+    AttackSpec("bpda_identity", "BPDA (identity)", QUANT, "cascade", adaptive.run_bpda_identity,
+               "exact forward, identity derivative through every quantizer (Athalye et al.'s BPDA: dead and "
+               "saturated units pass gradients too); APGD on CE and margin, then APGD-T", uses=_TWIN_USES,
+               needs_quantizers=True, cost=lambda b: _twin_cost(b, losses=2)),
+    AttackSpec("twin_leaky_clip", "Twin (leaky clip)", QUANT, "cascade", adaptive.run_twin_leaky_clip,
+               "the same on a twin whose quantizers are the clip with a slope outside [0, qmax*s], checked on the "
+               "model", uses=_TWIN_USES,
+               knobs=(Knob("twin_leak", 0.1, "the slope the leaky surrogates keep where the clip and the staircase "
+                                             "are flat"),),
+               needs_quantizers=True, cost=lambda b: _twin_cost(b, losses=2)),
+    AttackSpec("bpda_leaky_sig", "BPDA (leaky staircase)", QUANT, "cascade", adaptive.run_bpda_leaky_sig,
+               "exact forward, the derivative of the sigmoid staircase (high T) plus the leak in the backward",
+               uses=_TWIN_USES + ("twin_temp_high", "twin_leak"), needs_quantizers=True,
+               cost=lambda b: _twin_cost(b, losses=2)),
     AttackSpec("twin_anneal", "Twin (annealed T)", QUANT, "cascade", adaptive.run_twin_anneal,
-               "PGD on the sigmoid-staircase twin with its temperature annealed towards the quantizer (restarts "
-               "cycle CE, DLR and margin losses and alternate a smooth and a sharp start), checked on the model",
-               knobs=(Knob("anneal_steps", 200, "PGD steps on the annealed twin", scales=True),
-                      Knob("anneal_restarts", 40, "its restarts (they cycle the CE, DLR and margin losses)",
-                           scales=True),
-                      Knob("anneal_t_start", 1.0, "the temperature even restarts start from"),
-                      Knob("anneal_t_start_low", 0.3, "the temperature odd restarts start from (closer to the "
-                           "quantizer: the two starts find different rare points)"),
-                      Knob("anneal_t_end", 0.03, "the temperature every restart ends at")),
+               "PGD on the sigmoid-staircase twin with its temperature annealed towards the quantizer, many starts "
+               "per image side by side (each pairs a loss of CE, DLR, margin and targeted margin with a smooth or a "
+               "sharp start, from a random point, the image itself or a vertex), checked on the model; it counts "
+               "the starts that broke each image",
+               knobs=(Knob("anneal_steps", 200, "PGD steps on the annealed twin (not doubled in the rerun: its "
+                                                "starts are)"),
+                      Knob("anneal_restarts", 40, "its starts per image", scales=True),
+                      Knob("anneal_t_start", 1.0, "the temperature the smooth starts start from"),
+                      Knob("anneal_t_start_low", 0.3, "the temperature the sharp starts start from (closer to the "
+                           "quantizer: the two find different rare points)"),
+                      Knob("anneal_t_end", 0.03, "the temperature every start ends at")),
                needs_quantizers=True, check=_check_anneal_temperatures,
                cost=lambda b: 1.5 * b.anneal_steps * b.anneal_restarts),
     AttackSpec("square", "Square", BLACK, "cascade", scorebased.run_square, "Square (score-based, no gradients)",
@@ -140,13 +157,14 @@ CATALOG: tuple[AttackSpec, ...] = (
                prefix="cw_n", unbounded=True, cost=lambda b: 3 * b.cw_steps * b.cw_search),
 )
 
-# After the cascade, the strongest attack of each family is rerun on the survivors with twice the
-# steps and restarts (the convergence check): family -> (the rerun's name, label, description).
+# After the cascade, the attack of each family with the highest break rate (broken / attacked) is
+# rerun on the survivors with fresh seeds and twice the starts and steps (knobs marked ``scales``):
+# the convergence check. family -> (the rerun's name, label, description).
 RERUNS = {
-    STE: ("rerun_2x", "Rerun x2", "the straight-through attack that broke the most, rerun on the survivors with "
-                                  "twice the steps and restarts"),
-    QUANT: ("rerun_2x_quant", "Rerun x2 (quant.-aware)", "the quantization-aware attack that broke the most, "
-                                                         "rerun the same way"),
+    STE: ("rerun_2x", "Rerun x2", "the straight-through attack with the highest break rate, rerun on the "
+                                  "survivors with fresh seeds and twice the steps and restarts"),
+    QUANT: ("rerun_2x_quant", "Rerun x2 (quant.-aware)", "the quantization-aware attack with the highest break "
+                                                         "rate, rerun the same way"),
 }
 
 

@@ -63,7 +63,7 @@ def _square_batch(model, x, y, ids, eps, queries, p_init, seed, tag):
         xa, xc = x_best[act], x[act]
         x_new = project_linf(xa + delta, xc, eps)
         m_new = margin(model(x_new).float(), y[act])
-        better = m_new < m_best[act]
+        better = m_new <= m_best[act]  # ties too: on a piecewise-constant model progress crosses plateaus
         x_best[act[better]], m_best[act[better]] = x_new[better], m_new[better]
     return (model(x_best).float().argmax(1) != y).cpu(), x_best.cpu()
 

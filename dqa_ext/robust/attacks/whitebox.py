@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .common import ce_loss, device_of, dlr_loss, dlr_targeted_loss, example_uniform, project_linf
+from .common import ce_loss, device_of, dlr_loss, dlr_targeted_loss, example_uniform, margin, project_linf
 from .spec import Outcome, Target
 
 
@@ -21,6 +21,8 @@ def _loss(name, logits, y, target):
         return ce_loss(logits, y)
     if name == "dlr":
         return dlr_loss(logits, y)
+    if name == "margin":  # the largest other logit over the true one: unbounded, unlike CE's saturation
+        return -margin(logits, y)
     return dlr_targeted_loss(logits, y, target)
 
 
@@ -95,9 +97,11 @@ def apgd_run(loss_model, x, y, eps, steps, loss, noise, *, check=None, target=No
 
 
 def apgd(loss_model, x, y, ids, eps, *, steps, restarts=1, loss="ce", targets=0, seed=0, tag="apgd",
-         check=None, batch_size=500):
+         check=None, batch_size=500, from_image=False):
     """APGD over restarts (untargeted) or over the top-``targets`` other classes (targeted DLR, one
-    run per target and restart), each run only on the examples not yet broken.
+    run per target and restart), each run only on the examples not yet broken. ``from_image``: every
+    run starts at x itself, not at a random point of the ball (at a large epsilon a random point is
+    a random image, which is misclassified whatever the gradients do).
 
     x, y on the model's device; ids: each example's index in the test set (keys its random start).
     Returns (broken bool [N] on the CPU, x_adv [N] with the adversarial iterate where broken)."""
@@ -117,6 +121,8 @@ def apgd(loss_model, x, y, ids, eps, *, steps, restarts=1, loss="ce", targets=0,
                 with torch.no_grad():
                     target = loss_model(xb).float().argsort(1)[:, -t]
             noise = example_uniform(ids[idx], tuple(x.shape[1:]), seed, f"{tag}/{t}/{r}").to(x.device)
+            if from_image:
+                noise = torch.zeros_like(noise)
             found, xf = apgd_run(loss_model, xb, yb, eps, steps, loss, noise, check=check, target=target)
             found = found.cpu()
             broken[idx[found]] = True
@@ -197,19 +203,21 @@ def cw_l2(model, x: torch.Tensor, y: torch.Tensor, *, steps: int, search: int, l
     return torch.cat(out).numpy()
 
 
-def apgd_ce_then_t(loss_model, check, t: Target, *, steps, restarts, targets, restarts_t, tag):
-    """APGD-CE (``restarts`` runs), then APGD-T on what survived (``targets`` classes, ``restarts_t``
-    runs each); returns (broken bool [N] on the CPU, x_adv [N])."""
+def apgd_ce_then_t(loss_model, check, t: Target, *, steps, restarts, targets, restarts_t, tag, losses=("ce",)):
+    """APGD on each untargeted loss of ``losses`` in turn (``restarts`` runs each, on what the earlier
+    ones left), then APGD-T on what survived (``targets`` classes, ``restarts_t`` runs each); returns
+    (broken bool [N] on the CPU, x_adv [N])."""
     x, y, ids, b = t.x, t.y, t.ids, t.budget
     broken, x_adv = torch.zeros(len(x), dtype=torch.bool), x.clone()
-    if restarts:
-        broken, x_adv = apgd(loss_model, x, y, ids, t.eps, steps=steps, restarts=restarts, loss="ce", seed=t.seed,
-                             tag=f"{tag}/ce", check=check, batch_size=b.batch_size)
-    if targets:
+    runs = [(loss, restarts, 0) for loss in losses] if restarts else []
+    runs += [("dlr-t", restarts_t, targets)] if targets else []
+    for loss, n_restarts, n_targets in runs:
         rest = torch.nonzero(~broken).flatten()
         dev_rest = rest.to(x.device)
-        b2, xa2 = apgd(loss_model, x[dev_rest], y[dev_rest], ids[rest], t.eps, steps=steps, restarts=restarts_t,
-                       loss="dlr-t", targets=targets, seed=t.seed, tag=f"{tag}/t", check=check,
+        # The CE run keeps its historical tag, so the seeds of the suite's older attacks are unchanged.
+        name = {"ce": "ce", "dlr-t": "t"}.get(loss, loss)
+        b2, xa2 = apgd(loss_model, x[dev_rest], y[dev_rest], ids[rest], t.eps, steps=steps, restarts=n_restarts,
+                       loss=loss, targets=n_targets, seed=t.seed, tag=f"{tag}/{name}", check=check,
                        batch_size=b.batch_size)
         broken[rest[b2]] = True
         x_adv[dev_rest[b2.to(x.device)]] = xa2[b2.to(x.device)]
