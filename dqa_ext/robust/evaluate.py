@@ -22,7 +22,8 @@ from .attacks import catalog
 from .attacks.adaptive import Variant, has_quantizers
 from .attacks.budget import Budget
 from .attacks.catalog import QUANT, STE
-from .attacks.common import device_of, input_gradients_only, logits_of, predict
+from .attacks.common import device_of, exact_float32, input_gradients_only, logits_of, predict
+from .attacks.near import NearMisses
 from .attacks.shard import Shard
 from .attacks.spec import Target
 from .attacks.transfer import transfer_candidates
@@ -63,11 +64,11 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     return out
 
 
-def run_cascade_attack(name, model, x, y, ids, eps, b: Budget, *, seed=0, sources=None):
+def run_cascade_attack(name, model, x, y, ids, eps, b: Budget, *, seed=0, sources=None, near=None):
     """Cascade attack ``name`` on (x, y) (on the model's device). Returns (broken bool [N] on the CPU,
     x_adv [N], info). Every adversarial point is verified again here on the model itself: inside the
-    epsilon ball and [0, 1], and misclassified."""
-    o = catalog.spec(name).runner(Target(model, x, y, ids, eps, b, seed=seed, sources=sources))
+    epsilon ball and [0, 1], and misclassified. ``near``: the model's NearMisses (attacks/near.py)."""
+    o = catalog.spec(name).runner(Target(model, x, y, ids, eps, b, seed=seed, sources=sources, near=near))
     x_adv, info = o.x_adv.to(x.device), dict(o.info)
     inside = ((x_adv - x).abs().flatten(1).amax(1) <= eps * (1 + 1e-6) + 1e-7) & (x_adv.flatten(1).amin(1) >= 0) \
         & (x_adv.flatten(1).amax(1) <= 1)
@@ -79,7 +80,7 @@ def run_cascade_attack(name, model, x, y, ids, eps, b: Budget, *, seed=0, source
 
 
 def _on_survivors(name, model, xd, yd, ids, robust, eps, b, seed, sources, progress, planned, *, label=None,
-                  show=True, points=None):
+                  show=True, points=None, near=None):
     """One cascade attack on the images still robust (``robust``, updated). ``status`` per image:
     1 survived, 0 broken, None not attacked; ``robust_after`` is over these images. ``planned``: the
     units the progress counted on for it; ``show``: print its line (one process: at once);
@@ -94,7 +95,7 @@ def _on_survivors(name, model, xd, yd, ids, robust, eps, b, seed, sources, progr
     if len(todo):
         dt = todo.to(xd.device)
         broken, x_found, info = run_cascade_attack(name, model, xd[dt], yd[dt], ids[todo], eps, b, seed=seed,
-                                                   sources=sources)
+                                                   sources=sources, near=near)
         if points is not None:
             for j in torch.nonzero(broken).flatten().tolist():
                 points.setdefault(int(ids[todo[j]]), (label, x_found[j].detach().float().cpu()))
@@ -214,6 +215,7 @@ def planned_units(attacks, b: Budget, n: int, quantized: bool, *, sweep: bool, n
 
 
 # ------------------------------------------------------------------ the evaluation of one model
+@exact_float32()
 def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budget, attacks=None, seed: int = 0,
                    sources=None, x_seed=None, num_classes: int = 10, attack_grad: str = "bpda", sweep: bool = True,
                    sweep_eps=None, log=print, shard: Shard | None = None, progress: Progress | None = None,
@@ -226,7 +228,7 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
     whole result, per example the same as one process's. progress: where the work is reported (by
     default a line per attack through ``log``). points: a dict that gets, per test-set index of an
     image the worst case counts as broken, (attack, the adversarial image that broke it), for
-    adversarial.save (every rank calls it with one or none)."""
+    adversarial.save (every rank calls it with one or none). TF32 is off throughout."""
     b = budget.validate()
     attacks = catalog.check_attacks(attacks)
     shard = shard or Shard()
@@ -275,10 +277,12 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
     xd, yd, pids = x[part].to(dev), y[part].to(dev), ids[part]
     order = _cascade_order(attacks, quantized)
     casc, found_checks = {}, {}
+    near = NearMisses()  # the gradient attacks' closest points, for the repair
     with input_gradients_only(model):
         for name in order:
             casc[name] = _on_survivors(name, model, xd, yd, pids, robust, eps, b, seed, sources, progress,
-                                       catalog.spec(name).units(b) * len(part), show=alone, points=my_points)
+                                       catalog.spec(name).units(b) * len(part), show=alone, points=my_points,
+                                       near=near)
         # Convergence: the attack of each rerun family with the highest break rate (broken / attacked
         # over all ranks: the one still finding points), again on the survivors with fresh seeds and
         # twice the starts (and steps, where they scale); every image it breaks is one the run missed.
@@ -292,7 +296,8 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
                 continue
             strongest = most_effective(ran, broke, attacked)
             r = _on_survivors(strongest, model, xd, yd, pids, robust, eps, b.scaled(2), seed + 1, sources,
-                              progress, planned[family] * len(part), label=rerun, show=alone, points=my_points)
+                              progress, planned[family] * len(part), label=rerun, show=alone, points=my_points,
+                              near=near)
             r.update(rerun_of=strongest)
             casc[rerun] = r
         if "apgd_ce" in attacks:

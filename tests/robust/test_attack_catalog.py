@@ -126,3 +126,52 @@ def test_non_saturating_backwards_reach_dead_and_saturated_units(kind, grad):
     assert torch.equal(out, exact)  # BPDA: the exact forward
     assert all(g is None or abs(a - g) < 1e-6 for a, g in zip(x.grad[0].tolist(), grad))
     assert (x.grad != 0).all()
+
+
+class _Staircase(torch.nn.Module):
+    """Piecewise constant in the mean pixel (steps of 0.05, class 1 from 0.55 on): zero gradient
+    everywhere, so only a search on the model itself can cross to the next step."""
+
+    def forward(self, x):
+        s = torch.floor(20 * x.flatten(1).mean(1)) / 20
+        return torch.stack([0.525 - s, s - 0.525], 1)
+
+
+def test_near_misses_keep_the_closest_point_and_the_repair_crosses_plateaus_from_it():
+    from dqa_ext.robust.attacks.near import NearMisses
+    from dqa_ext.robust.attacks.repair import run_repair
+
+    x, y, ids = torch.full((2, 1, 4, 4), 0.3), torch.zeros(2, dtype=torch.long), torch.tensor([7, 9])
+    near = NearMisses()
+    near.offer(ids[:1], torch.tensor([0.5]), x[:1] + 0.1)
+    near.offer(ids[:1], torch.tensor([0.05]), x[:1] + 0.24)  # mean 0.54: one step short, margin 0.05
+    near.offer(ids[:1], torch.tensor([0.2]), x[:1] + 0.2)    # farther: not kept
+    near.offer(ids[1:], torch.tensor([-0.1]), x[1:] + 0.3)   # a break, not a near miss
+    assert near.margin(7) == pytest.approx(0.05) and torch.allclose(near.point(7), x[0] + 0.24) and near.point(9) is None
+    model = _Staircase()
+    assert (model(near.point(7)[None]).argmax(1) == 0).all()
+    # Any single pixel moved leaves the margin unchanged: only a search that accepts ties gets anywhere.
+    o = run_repair(Target(model, x, y, ids, 0.3, Budget(repair_queries=300), near=near))
+    assert o.broken.tolist() == [True, False] and o.info["near_misses"] == 1  # image 9 had no near miss
+    assert (model(o.x_adv[:1]).argmax(1) == 1).all() and (o.x_adv - x).abs().max() <= 0.3 + 1e-6
+
+
+def test_evaluations_run_with_tf32_off_and_restore_it(monkeypatch):
+    from dqa_ext.robust import checks
+    from dqa_ext.robust.evaluate import evaluate_model
+
+    seen = []
+    real = checks.predictions
+    monkeypatch.setattr(checks, "predictions", lambda *a: seen.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)) or real(*a))
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+        evaluate_model(model, torch.rand(4, 1, 4, 4), torch.zeros(4, dtype=torch.long), eps=0.1,
+                              budget=Budget(n=4, apgd_steps=2, apgd_restarts=1), attacks=["apgd_ce"], sweep=False,
+                              log=lambda *_: None, num_classes=3)
+        assert seen == [(False, False)]
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -25,10 +25,10 @@ from dqa_ext.robust.train import train
 pytestmark = [pytest.mark.slow]
 
 ARCH = {"channels": [16, 32], "hidden": 64, "kernel": 3}
-FAST = Budget(n=100, apgd_steps=20, apgd_restarts=1, apgd_t_targets=3, square_queries=300, twin_steps=20,
-              twin_targets=2, anneal_steps=20, anneal_restarts=1, transfer_steps=10, sweep_n=40, sweep_steps=10,
-              pgd_steps=10, cw_n=20, cw_steps=30, cw_search=3, zoo_n=3, zoo_steps=20, sub_seeds=150, sub_rounds=3,
-              sub_epochs=5)
+FAST = Budget(n=100, apgd_steps=20, apgd_restarts=1, apgd_t_targets=3, square_queries=300, repair_queries=100,
+              twin_steps=20, twin_targets=2, anneal_steps=20, anneal_restarts=1, transfer_steps=10, sweep_n=40,
+              sweep_steps=10, pgd_steps=10, cw_n=20, cw_steps=30, cw_search=3, zoo_n=3, zoo_steps=20, sub_seeds=150,
+              sub_rounds=3, sub_epochs=5)
 EPS = 0.3
 
 

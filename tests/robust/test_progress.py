@@ -37,7 +37,7 @@ def test_an_evaluation_reports_each_attack_with_the_time_left(tmp_path):
     models = {name: load_model(untrained_checkpoint(tmp_path / f"{name}.pt", act, seed=k))
               for k, (name, act) in enumerate([("relu-standard", "relu"), ("dqa2-standard", "dqa2")])}
     lines = []
-    budget = Budget(n=24, apgd_steps=2, apgd_restarts=1, apgd_t_targets=1, square_queries=2, twin_steps=2,
+    budget = Budget(n=24, apgd_steps=2, apgd_restarts=1, apgd_t_targets=1, square_queries=2, repair_queries=2, twin_steps=2,
                     twin_targets=1, anneal_steps=2, anneal_restarts=1, transfer_steps=2, sweep_n=8, sweep_steps=1,
                     pgd_steps=2)
     evaluate_models(models, load_mnist5k(), attacks=["fgsm", "pgd", "apgd_ce", "twin_clip", "transfer"],

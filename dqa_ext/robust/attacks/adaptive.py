@@ -153,7 +153,7 @@ def _anneal_loss(logits, y, kind, target):
 
 
 def anneal_starts(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start, t_end, t_start_low=None, seed=0,
-                  tag="twin_anneal", batch_size=500):
+                  tag="twin_anneal", batch_size=500, near=None):
     """PGD on the sigmoid-staircase twin while its temperature falls geometrically from each start's
     t0 to t_end (a smooth model first, then ever closer to the quantizer), the step size falling in
     thirds. Each image gets ``restarts`` starts (start_plan), run as copies side by side in batches
@@ -162,7 +162,8 @@ def anneal_starts(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start,
 
     Returns (broken bool [N] on the CPU, x_adv [N], hits int [N]): hits counts, per image, the starts
     that broke it, out of ``restarts``: a convergence measurement (an image that falls to 1 start of
-    40 says others may fall to start 41). Found by an independent evaluation of this project's
+    40 says others may fall to start 41). ``near``: a NearMisses that gets each copy's closest point
+    on the real model. Found by an independent evaluation of this project's
     numbers to break PGD-trained quantized models that fixed-temperature twins leave standing."""
     n = len(x)
     hits = torch.zeros(n, dtype=torch.long)
@@ -193,6 +194,7 @@ def anneal_starts(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start,
         factor = torch.tensor([p["step"] for p in plans], device=x.device).view((-1,) + (1,) * (x.dim() - 1))
         xa = (xb + eps * noise).clamp(0.0, 1.0)
         act = torch.arange(len(chunk), device=x.device)  # copies that have not broken their image yet
+        m_near, x_near = torch.full((len(chunk),), float("inf"), device=x.device), xb.clone()
         for k in range(steps):
             if not len(act):
                 break
@@ -203,7 +205,11 @@ def anneal_starts(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start,
             step = eps * (1 / 6 if k < steps // 3 else (1 / 15 if k < 2 * steps // 3 else 1 / 37.5))
             with torch.no_grad():
                 xa[act] = project_linf(xr.detach() + step * factor[act] * g.sign(), xb[act], eps)
-                wrong = model(xa[act]).argmax(1) != yb[act]
+                real = model(xa[act]).float()
+                wrong = real.argmax(1) != yb[act]
+                m = margin(real, yb[act])
+                closer = ~wrong & (m < m_near[act])
+                m_near[act[closer]], x_near[act[closer]] = m[closer], xa[act[closer]]
             done = act[wrong].cpu()
             for j in done.tolist():
                 i = int(img[j])
@@ -211,6 +217,8 @@ def anneal_starts(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start,
                     x_adv[i] = xa[j]
                 hits[i] += 1
             act = act[~wrong]
+        if near is not None:
+            near.offer(ids[img], m_near, x_near)
     return hits > 0, x_adv, hits
 
 
@@ -272,7 +280,7 @@ def run_twin_anneal(t: Target) -> Outcome:
     broken, x_adv, hits = anneal_starts(t.model, t.x, t.y, t.ids, t.eps, steps=b.anneal_steps,
                                         restarts=b.anneal_restarts, t_start=b.anneal_t_start, t_end=b.anneal_t_end,
                                         t_start_low=b.anneal_t_start_low, seed=t.seed, tag="twin_anneal",
-                                        batch_size=b.batch_size)
+                                        batch_size=b.batch_size, near=t.near)
     return Outcome(broken, x_adv, {"surrogate": "sigmoid", "mode": "twin", "starts": b.anneal_restarts,
                                    "temperature": [b.anneal_t_start, b.anneal_t_start_low, b.anneal_t_end],
                                    "start_hits": [[int(t.ids[i]), int(hits[i])] for i in torch.nonzero(broken).flatten()]})

@@ -8,7 +8,7 @@ The cascade runs in the order of this list; the prefix attacks run beside it.
 from __future__ import annotations
 
 from ..errors import AttackError
-from . import adaptive, paper, scorebased, transfer, whitebox
+from . import adaptive, paper, repair, scorebased, transfer, whitebox
 from .spec import FAMILIES, STAGES, AttackSpec, Knob
 
 STE, QUANT, BLACK = "straight-through", "quantization-aware", "black-box"
@@ -41,9 +41,9 @@ def _check_anneal_temperatures(b) -> None:
                           f"anneal_t_start, got {b.anneal_t_end!r}, {b.anneal_t_start_low!r} and {b.anneal_t_start!r}")
 
 
-def _check_square(b) -> None:
-    if not 0 < b.square_p_init <= 1:
-        raise AttackError(f"budget square_p_init must be in (0, 1], got {b.square_p_init!r}")
+def _check_fraction(name: str, value) -> None:
+    if not 0 < value <= 1:
+        raise AttackError(f"budget {name} must be in (0, 1], got {value!r}")
 
 
 CATALOG: tuple[AttackSpec, ...] = (
@@ -105,7 +105,16 @@ CATALOG: tuple[AttackSpec, ...] = (
     AttackSpec("square", "Square", BLACK, "cascade", scorebased.run_square, "Square (score-based, no gradients)",
                knobs=(Knob("square_queries", 5000, "Square's queries"),
                       Knob("square_p_init", 0.8, "Square's initial fraction of the image a square covers")),
-               check=_check_square, cost=lambda b: b.square_queries / 3),
+               check=lambda b: _check_fraction("square_p_init", b.square_p_init),
+               cost=lambda b: b.square_queries / 3),
+    AttackSpec("repair", "Repair (near misses)", BLACK, "cascade", repair.run_repair,
+               "Square's search on the real model, small windows and ties accepted, from the point where the "
+               "gradient attacks came closest to breaking each image (its smallest real margin)",
+               knobs=(Knob("repair_queries", 1000, "queries of the near-miss repair per image"),
+                      Knob("repair_p_init", 0.05, "its initial fraction of the image a window covers (small: a "
+                                                  "local search)")),
+               check=lambda b: _check_fraction("repair_p_init", b.repair_p_init),
+               cost=lambda b: b.repair_queries / 3),
     AttackSpec("transfer", "Transfer", BLACK, "cascade", transfer.run_transfer,
                "the other models' high-loss points",
                knobs=(Knob("transfer_steps", 100, "APGD-CE steps crafting each model's transfer candidates"),)),

@@ -45,6 +45,18 @@ def input_gradients_only(model: nn.Module):
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """TF32 off for the block (CUDA matmuls and convolutions round inputs to 10 mantissa bits with it
+    on): an adversarial point found on the GPU must break the model that a CPU re-check runs."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def project_linf(x_new: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """x_new moved into the L-inf ball of radius eps around x, and into the pixel range [0, 1]."""
     return torch.min(torch.max(x_new, x - eps), x + eps).clamp_(0.0, 1.0)

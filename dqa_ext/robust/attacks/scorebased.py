@@ -24,19 +24,21 @@ def _p_selection(p_init: float, it: int, n_queries: int) -> float:
 
 
 @torch.no_grad()
-def square_linf(model, x, y, ids, eps, *, queries, p_init=0.8, seed=0, tag="square", batch_size=500):
-    """Returns (broken bool [N] on the CPU, x_adv [N]). model: logits of the real model."""
+def square_linf(model, x, y, ids, eps, *, queries, p_init=0.8, seed=0, tag="square", batch_size=500, start=None):
+    """Returns (broken bool [N] on the CPU, x_adv [N]). model: logits of the real model. ``start``:
+    the points to search from (inside the ball; default: Square's vertical stripes of +-eps)."""
     n = len(x)
     broken = torch.zeros(n, dtype=torch.bool)
     x_adv = x.clone()
     for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)
-        b, xa = _square_batch(model, x[sl], y[sl], ids[sl], eps, queries, p_init, seed, tag)
+        b, xa = _square_batch(model, x[sl], y[sl], ids[sl], eps, queries, p_init, seed, tag,
+                              None if start is None else start[sl])
         broken[sl], x_adv[sl] = b.cpu(), xa
     return broken, x_adv
 
 
-def _square_batch(model, x, y, ids, eps, queries, p_init, seed, tag):
+def _square_batch(model, x, y, ids, eps, queries, p_init, seed, tag, start=None):
     n, c, h, w = x.shape
     dev = x.device
     # Each example's whole random stream, drawn up front from its own generator: the start's
@@ -46,7 +48,7 @@ def _square_batch(model, x, y, ids, eps, queries, p_init, seed, tag):
     init = torch.from_numpy(np.stack([g.random(c * w) for g in gens]).astype(np.float32))
     draws = torch.from_numpy(np.stack([g.random((queries, 2 + c)) for g in gens]).astype(np.float32)).to(dev)
     init = sign(init.to(dev)).view(n, c, 1, w)  # vertical stripes of +-eps, as in the paper
-    x_best = (x + eps * init).clamp(0.0, 1.0)
+    x_best = (x + eps * init).clamp(0.0, 1.0) if start is None else project_linf(start.to(dev), x, eps)
     m_best = margin(model(x_best).float(), y)
     rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
     for it in range(queries):

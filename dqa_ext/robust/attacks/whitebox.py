@@ -29,8 +29,10 @@ def _loss(name, logits, y, target):
 def apgd_run(loss_model, x, y, eps, steps, loss, noise, *, check=None, target=None):
     """One APGD run (L-inf) from the start x + eps * noise / max|noise|.
 
-    Returns (found, x_found): which examples the check model misclassified at some iterate, and that
-    iterate. Step-size schedule, momentum 0.75 and restarts-from-best as in Croce & Hein 2020."""
+    Returns (found, x_found, m_near, x_near): which examples the check model misclassified at some
+    iterate, and that iterate; per example the smallest margin on the check model among the iterates
+    that did not break it, and that iterate (near.py). Step-size schedule, momentum 0.75 and
+    restarts-from-best as in Croce & Hein 2020."""
     n = len(x)
     view = (-1,) + (1,) * (x.dim() - 1)
     n2, n_min, size_decr = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
@@ -38,6 +40,7 @@ def apgd_run(loss_model, x, y, eps, steps, loss, noise, *, check=None, target=No
     x_adv = (x + eps * noise / scale).clamp(0.0, 1.0)
     found = torch.zeros(n, dtype=torch.bool, device=x.device)
     x_found = x.clone()
+    m_near, x_near = torch.full((n,), float("inf"), device=x.device), x.clone()
 
     def evaluate(idx, xa):
         xa = xa.detach().requires_grad_(True)
@@ -48,6 +51,9 @@ def apgd_run(loss_model, x, y, eps, steps, loss, noise, *, check=None, target=No
         with torch.no_grad():
             real = logits if check is None else check(xa.detach())
             wrong = real.argmax(1) != y[idx]
+            m = margin(real.float(), y[idx])
+            closer = ~wrong & (m < m_near[idx])
+            m_near[idx[closer]], x_near[idx[closer]] = m[closer], xa.detach()[closer]
         found[idx[wrong]] = True
         x_found[idx[wrong]] = xa.detach()[wrong]
         return li.detach(), g.detach(), wrong
@@ -93,15 +99,16 @@ def apgd_run(loss_model, x, y, eps, steps, loss, noise, *, check=None, target=No
                 x_adv[flag], grad[flag] = x_best[flag], grad_best[flag]
                 k, since_check = max(k - size_decr, n_min), 0
         act = act[~wrong]
-    return found, x_found
+    return found, x_found, m_near, x_near
 
 
 def apgd(loss_model, x, y, ids, eps, *, steps, restarts=1, loss="ce", targets=0, seed=0, tag="apgd",
-         check=None, batch_size=500, from_image=False):
+         check=None, batch_size=500, from_image=False, near=None):
     """APGD over restarts (untargeted) or over the top-``targets`` other classes (targeted DLR, one
     run per target and restart), each run only on the examples not yet broken. ``from_image``: every
     run starts at x itself, not at a random point of the ball (at a large epsilon a random point is
-    a random image, which is misclassified whatever the gradients do).
+    a random image, which is misclassified whatever the gradients do). ``near``: a NearMisses that
+    gets each run's closest point on the real model.
 
     x, y on the model's device; ids: each example's index in the test set (keys its random start).
     Returns (broken bool [N] on the CPU, x_adv [N] with the adversarial iterate where broken)."""
@@ -123,7 +130,10 @@ def apgd(loss_model, x, y, ids, eps, *, steps, restarts=1, loss="ce", targets=0,
             noise = example_uniform(ids[idx], tuple(x.shape[1:]), seed, f"{tag}/{t}/{r}").to(x.device)
             if from_image:
                 noise = torch.zeros_like(noise)
-            found, xf = apgd_run(loss_model, xb, yb, eps, steps, loss, noise, check=check, target=target)
+            found, xf, m_near, x_near = apgd_run(loss_model, xb, yb, eps, steps, loss, noise, check=check,
+                                                 target=target)
+            if near is not None:
+                near.offer(ids[idx], m_near, x_near)
             found = found.cpu()
             broken[idx[found]] = True
             x_adv[dev_idx[found.to(x.device)]] = xf[found.to(x.device)]
@@ -218,7 +228,7 @@ def apgd_ce_then_t(loss_model, check, t: Target, *, steps, restarts, targets, re
         name = {"ce": "ce", "dlr-t": "t"}.get(loss, loss)
         b2, xa2 = apgd(loss_model, x[dev_rest], y[dev_rest], ids[rest], t.eps, steps=steps, restarts=n_restarts,
                        loss=loss, targets=n_targets, seed=t.seed, tag=f"{tag}/{name}", check=check,
-                       batch_size=b.batch_size)
+                       batch_size=b.batch_size, near=t.near)
         broken[rest[b2]] = True
         x_adv[dev_rest[b2.to(x.device)]] = xa2[b2.to(x.device)]
     return broken, x_adv
