@@ -171,8 +171,12 @@ def test_annealed_twin_runs_each_start_on_its_own_schedule(dqa_model, mnist, mon
     from dqa_ext.robust.attacks import adaptive
 
     plans = [adaptive.start_plan(r, 1.0, 0.1) for r in range(8)]
-    assert {(p["loss"], p["t0"]) for p in plans} == {(k, t) for k in range(4) for t in (1.0, 0.1)}
-    assert {adaptive.start_plan(r, 1.0, 0.1)["start"] for r in range(40)} == {"uniform", "image", "vertex"}
+    # the historical restarts first: uniform starts, CE/DLR/margin in turn, smooth and sharp alternating
+    assert [(p["loss"], p["t0"], p["start"]) for p in plans[:4]] == [
+        (0, 1.0, "uniform"), (1, 0.1, "uniform"), (2, 1.0, "uniform"), (0, 0.1, "uniform")]
+    later = [adaptive.start_plan(r, 1.0, 0.1) for r in range(40, 112)]
+    assert {(p["loss"], p["t0"]) for p in later[:8]} == {(k, t) for k in range(4) for t in (1.0, 0.1)}
+    assert {p["start"] for p in later} == {"uniform", "image", "vertex"} and len({p["step"] for p in later}) == 3
     seen = []
     real = adaptive.surrogate
     monkeypatch.setattr(adaptive, "surrogate", lambda kind, x, s, q, temp=0.1, leak=0.0:

@@ -90,12 +90,13 @@ CATALOG: tuple[AttackSpec, ...] = (
                cost=lambda b: _twin_cost(b, losses=2)),
     AttackSpec("twin_anneal", "Twin (annealed T)", QUANT, "cascade", adaptive.run_twin_anneal,
                "PGD on the sigmoid-staircase twin with its temperature annealed towards the quantizer, many starts "
-               "per image side by side (each pairs a loss of CE, DLR, margin and targeted margin with a smooth or a "
-               "sharp start, from a random point, the image itself or a vertex), checked on the model; it counts "
-               "the starts that broke each image",
+               "per image side by side, checked on the model: random starts cycling the CE, DLR and margin losses "
+               "and a smooth and a sharp temperature, and beyond the first 40 also targeted losses, starts at the "
+               "image and at vertices and other step sizes; it counts the starts that broke each image",
                knobs=(Knob("anneal_steps", 200, "PGD steps on the annealed twin (not doubled in the rerun: its "
                                                 "starts are)"),
-                      Knob("anneal_restarts", 40, "its starts per image", scales=True),
+                      Knob("anneal_restarts", 40, "its starts per image (the rerun's second 40 vary the loss, start "
+                                                   "point and step size further)", scales=True),
                       Knob("anneal_t_start", 1.0, "the temperature the smooth starts start from"),
                       Knob("anneal_t_start_low", 0.3, "the temperature the sharp starts start from (closer to the "
                            "quantizer: the two find different rare points)"),
