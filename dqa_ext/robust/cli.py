@@ -70,6 +70,12 @@ def _add_budget(p):
                    help=f"override a budget setting; repeatable. Keys: {', '.join(knobs())}")
 
 
+def _version() -> str:
+    from .._backend import _version as package_version
+
+    return package_version()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; its help is read from the attack catalog when it is built."""
     from .attack_checkpoints import DEFAULT_OUT as ATTACK_OUT
@@ -78,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .reproduce import DEFAULT_OUT as REPRODUCE_OUT
 
     parser = _Parser(prog="dqa", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"dqa_ext {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

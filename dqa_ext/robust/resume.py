@@ -88,9 +88,15 @@ def read_warm_start(cfg: TrainConfig) -> dict | None:
     im = init["meta"]
     arch = cfg.arch or default_arch(data_channels(cfg.data))
     if (im["activation"], im["arch"]) != (cfg.activation, arch) or not same(im["arch_kwargs"], cfg.arch_kwargs):
-        raise TrainError(f"--init-from {cfg.init_from} is a {im['activation']} {im['arch']} {im['arch_kwargs']}, "
-                         f"not {cfg.activation} {arch} {cfg.arch_kwargs}")
+        raise TrainError(f"--init-from {cfg.init_from} is a {_model(im['activation'], im['arch'], im['arch_kwargs'])}, "
+                         f"not {_model(cfg.activation, arch, cfg.arch_kwargs)}")
     return init
+
+
+def _model(activation, arch, kwargs) -> str:
+    """'dqa2 mnist_cnn (channels=[8, 16], hidden=32)', or '... (default size)'."""
+    size = ", ".join(f"{k}={v}" for k, v in sorted((kwargs or {}).items())) or "default size"
+    return f"{activation} {arch} ({size})"
 
 
 def warm_start(model: nn.Module, init: dict, source) -> None:

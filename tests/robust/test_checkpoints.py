@@ -88,7 +88,8 @@ def test_a_checkpoint_with_weights_that_are_not_finite_is_refused(capsys, no_wor
 def test_a_warm_start_from_another_model_is_refused_before_any_work(capsys, no_work, tmp_path):
     other = untrained_checkpoint(tmp_path / "relu.pt", "relu")
     err = one_line_error(capsys, ["train", "--act", "dqa2", "--init-from", other, "--out", tmp_path / "m.pt"])
-    assert "--init-from" in err
+    assert "--init-from" in err and "is a relu mnist_cnn (" in err and "not dqa2 mnist_cnn (default size)" in err
+    assert "{" not in err
 
 
 class _RunsCode:

@@ -42,6 +42,12 @@ def test_errors_are_one_line(capsys, argv, match):
     assert match in one_line_error(capsys, argv)
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"dqa_ext {dqa_ext.backend_info()['dqa_ext']}"
+
+
 BAD_TRAIN = [
     (["--lr", "-1"], "--lr"), (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
     (["--device", "tpu"], "--device 'tpu'"), (["--device", "cuda:99"], "--device 'cuda:99'"),
