@@ -1,4 +1,4 @@
-"""Usage: python attack.py MODEL_NAME BUDGET_SECONDS [N_THREADS] [--smoke]
+"""Usage: python attack.py MODEL_NAME BUDGET_SECONDS [N_THREADS] [--smoke] [--order-v1]
 Attacks the images results.json claims robust for MODEL_NAME; logs to $DQA_AUDIT_OUT/MODEL.log.json,
 saves verified breaks to $DQA_AUDIT_OUT/MODEL.npz."""
 import json
@@ -16,6 +16,7 @@ name = sys.argv[1]
 budget = float(sys.argv[2])
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 2)
 smoke = "--smoke" in sys.argv
+order_v1 = "--order-v1" in sys.argv  # the first phase order (fixed2-pgd's audit ran with it)
 torch.manual_seed(0)
 gen = torch.Generator().manual_seed(1234)
 
@@ -125,12 +126,20 @@ else:
     ce = 2  # check the exact model every 2nd iterate (and the last)
     phase("soft-anneal-cw", lambda ids, t: pgd(tr, soft, ids, R, 2 * S, "cw", anneal=(1.0, 0.02), tag=t, gen=gen,
                                                check_every=ce))
-    phase("clamp-surrogate-cw", lambda ids, t: pgd(tr, clamp, ids, R, S, "cw", tag=t, gen=gen, check_every=ce))
-    phase("square-exact-tie-clamp", lambda ids, t: square(tr, ids, 300 if smoke else 1000, tag=t,
-                                                          tie_model=clamp, gen=gen, restarts=1))
-    phase("soft-from-best", lambda ids, t: pgd(tr, soft, ids, R, S, "cw", init="best", anneal=(0.3, 0.01),
-                                               alpha0=EPS / 8, tag=t, gen=gen, check_every=ce))
-    phase("bpda-ste-cw", lambda ids, t: pgd(tr, ste, ids, R, S, "cw", tag=t, gen=gen, check_every=ce))
+    bpda_ste = lambda ids, t: pgd(tr, ste, ids, R, S, "cw", tag=t, gen=gen, check_every=ce)  # noqa: E731
+    clamp_cw = lambda ids, t: pgd(tr, clamp, ids, R, S, "cw", tag=t, gen=gen, check_every=ce)  # noqa: E731
+    square_tie = lambda n: lambda ids, t: square(tr, ids, 300 if smoke else n, tag=t,  # noqa: E731
+                                                 tie_model=clamp, gen=gen, restarts=1)
+    soft_best = lambda ids, t: pgd(tr, soft, ids, R, S, "cw", init="best", anneal=(0.3, 0.01),  # noqa: E731
+                                   alpha0=EPS / 8, tag=t, gen=gen, check_every=ce)
+    if order_v1:  # the order fixed2-pgd ran with: BPDA and the clamp first, Square and the restarts last
+        phase("bpda-ste-cw", bpda_ste)
+        phase("clamp-surrogate-cw", clamp_cw)
+    else:
+        phase("clamp-surrogate-cw", clamp_cw)
+        phase("square-exact-tie-clamp", square_tie(1000))
+        phase("soft-from-best", soft_best)
+        phase("bpda-ste-cw", bpda_ste)
     phase("soft-anneal-dlr-corner", lambda ids, t: pgd(tr, soft, ids, R // 2, 2 * S, "dlr", anneal=(0.5, 0.05),
                                                        init="corner", tag=t, gen=gen, check_every=ce))
     phase("bpda-softste-ce", lambda ids, t: pgd(tr, softste, ids, R // 2, S, "ce", tag=t, gen=gen, check_every=ce))
@@ -146,6 +155,9 @@ else:
             pgd(tr, soft, ids2, 2, int(1.5 * S), "tcw", targets=tk.repeat(2), anneal=(1.0, 0.03), tag=f"{t}-{k}",
                 gen=gen, check_every=ce)
     phase("targeted-top2-soft", targeted)
+    if order_v1:
+        phase("square-exact-tie-clamp", square_tie(1500))
+        phase("soft-from-best", soft_best)
     rnd = 0
     while remaining() > 5 and len(alive()) and not smoke:
         rnd += 1
