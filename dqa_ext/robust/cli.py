@@ -70,21 +70,16 @@ def _add_budget(p):
                    help=f"override a budget setting; repeatable. Keys: {', '.join(knobs())}")
 
 
-def _version() -> str:
-    from .._backend import _version as package_version
-
-    return package_version()
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command; its help is read from the attack catalog when it is built."""
+    from .._backend import _version as package_version
     from .attack_checkpoints import DEFAULT_OUT as ATTACK_OUT
     from .merge import DEFAULT_OUT as MERGE_OUT
     from .presets import PRESETS
     from .reproduce import DEFAULT_OUT as REPRODUCE_OUT
 
     parser = _Parser(prog="dqa", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=f"dqa_ext {_version()}")
+    parser.add_argument("--version", action="version", version=f"dqa_ext {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

@@ -6,8 +6,8 @@ one left robust, so its cost is the survivors' and the per-example worst case is
 straight-through and the quantization-aware attack with the highest break rate are rerun on the
 survivors with fresh seeds and twice the starts (convergence), APGD-CE from the image itself at an
 epsilon covering the whole pixel range must reach 0% (sanity), and the accuracy against epsilon is
-swept. The prefix attacks (the paper's) each run alone on their own
-test-set prefix, beside the cascade. Under torchrun every rank runs its share (attacks/shard.py).
+swept. The prefix attacks (the paper's) each run alone on their own test-set prefix, beside the
+cascade. Under torchrun every rank runs its share (attacks/shard.py).
 """
 from __future__ import annotations
 

@@ -16,12 +16,12 @@ from .spec import Outcome, Target
 def run_repair(t: Target) -> Outcome:
     b = t.budget
     broken, x_adv = torch.zeros(len(t.x), dtype=torch.bool), t.x.clone()
-    near = t.near
-    have = [j for j, i in enumerate(t.ids.tolist()) if near is not None and near.point(i) is not None]
+    points = [None if t.near is None else t.near.point(i) for i in t.ids.tolist()]
+    have = [j for j, p in enumerate(points) if p is not None]
     if have:
         j = torch.tensor(have)
         dj = j.to(t.x.device)
-        start = torch.stack([near.point(int(t.ids[k])) for k in have]).to(t.x.device)
+        start = torch.stack([points[k] for k in have]).to(t.x.device)
         hit, xa = square_linf(t.model, t.x[dj], t.y[dj], t.ids[j], t.eps, queries=b.repair_queries,
                               p_init=b.repair_p_init, seed=t.seed, tag="repair", batch_size=b.batch_size, start=start)
         broken[j] = hit

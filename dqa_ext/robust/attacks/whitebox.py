@@ -127,9 +127,8 @@ def apgd(loss_model, x, y, ids, eps, *, steps, restarts=1, loss="ce", targets=0,
             if t is not None:
                 with torch.no_grad():
                     target = loss_model(xb).float().argsort(1)[:, -t]
-            noise = example_uniform(ids[idx], tuple(x.shape[1:]), seed, f"{tag}/{t}/{r}").to(x.device)
-            if from_image:
-                noise = torch.zeros_like(noise)
+            noise = (torch.zeros_like(xb) if from_image else
+                     example_uniform(ids[idx], tuple(x.shape[1:]), seed, f"{tag}/{t}/{r}").to(x.device))
             found, xf, m_near, x_near = apgd_run(loss_model, xb, yb, eps, steps, loss, noise, check=check,
                                                  target=target)
             if near is not None:
