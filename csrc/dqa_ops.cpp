@@ -19,6 +19,13 @@ TORCH_LIBRARY(dqa_ext, m) {
       "fake_quantize_backward(Tensor grad_y, Tensor x, Tensor step, int qmin, int qmax, "
       "int channel_dim, float grad_scale, bool need_step_grad, float min_step=0.0) -> "
       "(Tensor, Tensor)");
+  // The sigmoid staircase, a smooth stand-in for the quantizer that the robustness toolkit's
+  // attacks differentiate: (u, d) per element of v (= x / s) with, over k = 1..qmax,
+  // z_k = clamp((v - (k - 1/2)) / temp, -30, 30), u = sum_k sigmoid(z_k) and
+  // d = sum_k sigmoid'(z_k) [z_k not clamped] / temp (du/dv), temp one per example (v's first
+  // dim) or one for all. float32, contiguous or channels_last; CPU only (other devices use the
+  // same formula in PyTorch ops: dqa_ext/robust/attacks/adaptive.py).
+  m.def("sigmoid_staircase(Tensor v, Tensor temp, int qmax) -> (Tensor, Tensor)");
 }
 
 namespace dqa {

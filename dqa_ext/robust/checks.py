@@ -173,7 +173,8 @@ def flags(ev: dict) -> list[str]:
     return out
 
 
-# An image that fell to this share of an attack's starts or less was found by luck: more may be hiding.
+# An image that fell to this share of an attack's starts or less, or to one start only, was found by
+# luck: more may be hiding.
 RARE_SHARE = 0.1
 
 
@@ -183,11 +184,12 @@ def _rare_point_flags(cascade: dict) -> list[str]:
     for name, r in cascade.items():
         if not r.get("starts") or not r.get("start_hits"):
             continue
-        rare = sorted((h, i) for i, h in r["start_hits"] if h <= RARE_SHARE * r["starts"])
+        most = max(1, int(RARE_SHARE * r["starts"]))
+        rare = sorted((h, i) for i, h in r["start_hits"] if h <= most)
         if rare:
             shown = ", ".join(f"image {i}: {h} of {r['starts']}" for h, i in rare[:5])
             out.append(f"rare points: {r['label']} broke {len(rare)} of its {len(r['start_hits'])} images with at "
-                       f"most {100 * RARE_SHARE:.0f}% of its {r['starts']} starts ({shown}"
+                       f"most {most} of its {r['starts']} starts ({shown}"
                        f"{' and more' if len(rare) > 5 else ''}): images it left robust may fall to more starts")
     return out
 

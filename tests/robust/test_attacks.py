@@ -208,6 +208,69 @@ def test_annealed_twin_counts_the_starts_that_break_each_image(dqa_model, mnist)
     assert (x_adv - x).abs().max() <= EPS + 1e-6
 
 
+def test_near_miss_starts_break_from_near_points_and_skip_images_without_one(dqa_model, mnist):
+    """twin_anneal_near starts each image around its near miss (sharp temperatures, cosine steps with
+    momentum); images with no near miss are not attacked."""
+    from dqa_ext.robust.attacks import adaptive
+    from dqa_ext.robust.attacks.near import NearMisses
+    from dqa_ext.robust.attacks.spec import Target
+
+    plans = [adaptive.near_plan(r, 0.3, 0.01) for r in range(8)]
+    assert {p["start"] for p in plans} == {"near"} and {p["loss"] for p in plans} == {0, 1, 2, 3}
+    assert sorted({p["t0"] for p in plans}) == pytest.approx([0.1, 0.3]) and all(p["momentum"] > 0 and p["schedule"] == "cosine"
+                                                            for p in plans)
+    x, y = _xy(mnist, 40)
+    found, x_apgd = apgd(dqa_model, x, y, torch.arange(40), EPS, steps=20, restarts=1, loss="ce")
+    assert found.sum() >= 4
+    near = NearMisses()
+    broke = torch.nonzero(found).flatten()
+    # points a little short of APGD's breaks, on the real model's right side of the boundary
+    for i in broke.tolist():
+        for a in (0.9, 0.8, 0.6, 0.4, 0.2):
+            p = x[i] + a * (x_apgd[i] - x[i])
+            with torch.no_grad():
+                m = dqa_model(p[None]).float()[0]
+            gap = m[y[i]] - m[torch.arange(10) != y[i]].max()
+            if gap > 0:
+                near.offer(torch.tensor([i]), gap[None], p[None])
+                break
+    have = [i for i in range(40) if near.point(i) is not None]
+    assert len(have) >= 3
+    budget = FAST.replace(near_steps=20, near_restarts=4)
+    t = Target(dqa_model, x, y, torch.arange(40), EPS, budget, near=near)
+    out = adaptive.run_twin_anneal_near(t)
+    assert out.info["near_misses"] == len(have) and out.info["starts"] == 4
+    assert not out.broken[[i for i in range(40) if i not in have]].any()
+    assert out.broken.any()
+    with torch.no_grad():
+        assert (dqa_model(out.x_adv[out.broken]).argmax(1) != y[out.broken]).all()
+    assert (out.x_adv - x).abs().max() <= EPS + 1e-6
+    assert sorted(i for i, _ in out.info["start_hits"]) == torch.nonzero(out.broken).flatten().tolist()
+
+
+def test_a_twin_runs_a_channels_last_copy_and_leaves_the_model_alone(dqa_model, mnist):
+    """On a CPU the twin differentiates a channels_last copy (faster convolutions); its gradients are
+    the model's twin's, and the model itself is not converted or touched."""
+    from dqa_ext.robust.attacks import adaptive
+
+    x, y = _xy(mnist, 8)
+    before = {k: (v.clone(), v.stride()) for k, v in dqa_model.state_dict().items()}
+    twin = Variant(dqa_model, "twin", "sigmoid", 0.2)
+    assert twin.model is not dqa_model
+    assert next(m for m in twin.model.modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous(
+        memory_format=torch.channels_last)
+    plain = Variant(dqa_model, "twin", "sigmoid", 0.2)
+    plain.model = dqa_model  # the same twin on the model as it is
+    grads = []
+    for v in (twin, plain):
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(v(xr), y), xr)
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-3 * grads[1].abs().max().item())
+    assert all(torch.equal(v, before[k][0]) and v.stride() == before[k][1] for k, v in dqa_model.state_dict().items())
+    assert adaptive.Variant(dqa_model, "bpda", "sigmoid", 0.2).model is dqa_model  # the exact forward: the model
+
+
 def test_convergence_check_fires_on_an_under_budgeted_run(relu_model, mnist):
     x, y = _xy(mnist, 100)
     tiny = FAST.replace(apgd_steps=1, apgd_restarts=1)

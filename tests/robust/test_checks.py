@@ -80,5 +80,11 @@ def test_images_broken_by_few_starts_are_flagged_as_rare_points():
                                     "starts": 40, "start_hits": [[3, 1], [8, 30], [9, 4]]}
     rare = [f for f in flags(ev) if f.startswith("rare points")]
     assert len(rare) == 1 and "broke 2 of its 3 images" in rare[0] and "image 3: 1 of 40" in rare[0]
+    assert "with at most 4 of its 40 starts" in rare[0]
     ev["cascade"]["twin_anneal"]["start_hits"] = [[8, 30]]
     assert not [f for f in flags(ev) if f.startswith("rare points")]
+    # with few starts, an image that one start found is still a rare point
+    ev["cascade"]["twin_anneal_near"] = {"label": "Twin (annealed, near misses)", "attacked": 5, "broke": 2,
+                                         "status": [], "starts": 8, "start_hits": [[10, 1], [71, 2]]}
+    rare = [f for f in flags(ev) if f.startswith("rare points")]
+    assert len(rare) == 1 and "broke 1 of its 2 images with at most 1 of its 8 starts (image 10: 1 of 8)" in rare[0]

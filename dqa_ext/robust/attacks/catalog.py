@@ -41,6 +41,12 @@ def _check_anneal_temperatures(b) -> None:
                           f"anneal_t_start, got {b.anneal_t_end!r}, {b.anneal_t_start_low!r} and {b.anneal_t_start!r}")
 
 
+def _check_near_temperatures(b) -> None:
+    if not 0 < b.near_t_end <= b.near_t_start:
+        raise AttackError("budget near-miss temperatures must satisfy 0 < near_t_end <= near_t_start, got "
+                          f"{b.near_t_end!r} and {b.near_t_start!r}")
+
+
 def _check_fraction(name: str, value) -> None:
     if not 0 < value <= 1:
         raise AttackError(f"budget {name} must be in (0, 1], got {value!r}")
@@ -103,6 +109,17 @@ CATALOG: tuple[AttackSpec, ...] = (
                       Knob("anneal_t_end", 0.03, "the temperature every start ends at")),
                needs_quantizers=True, check=_check_anneal_temperatures,
                cost=lambda b: 1.5 * b.anneal_steps * b.anneal_restarts),
+    AttackSpec("twin_anneal_near", "Twin (annealed, near misses)", QUANT, "cascade", adaptive.run_twin_anneal_near,
+               "the annealed twin again from near the point where the attacks so far came closest to breaking each "
+               "image (its smallest real margin): sharp temperatures, small cosine-decaying steps with momentum, "
+               "the CE, DLR, margin and targeted margin losses in turn; it counts the starts that broke each image",
+               knobs=(Knob("near_steps", 100, "PGD steps of each near-miss start"),
+                      Knob("near_restarts", 8, "near-miss starts per image", scales=True),
+                      Knob("near_t_start", 0.3, "the temperature near-miss starts start from (every second one "
+                                                "from a third of it)"),
+                      Knob("near_t_end", 0.01, "the temperature they end at")),
+               needs_quantizers=True, check=_check_near_temperatures,
+               cost=lambda b: 1.5 * b.near_steps * b.near_restarts),
     AttackSpec("square", "Square", BLACK, "cascade", scorebased.run_square, "Square (score-based, no gradients)",
                knobs=(Knob("square_queries", 5000, "Square's queries"),
                       Knob("square_p_init", 0.8, "Square's initial fraction of the image a square covers")),
