@@ -20,12 +20,13 @@ TORCH_LIBRARY(dqa_ext, m) {
       "int channel_dim, float grad_scale, bool need_step_grad, float min_step=0.0) -> "
       "(Tensor, Tensor)");
   // The sigmoid staircase, a smooth stand-in for the quantizer that the robustness toolkit's
-  // attacks differentiate: (u, d) per element of v (= x / s) with, over k = 1..qmax,
-  // z_k = clamp((v - (k - 1/2)) / temp, -30, 30), u = sum_k sigmoid(z_k) and
-  // d = sum_k sigmoid'(z_k) [z_k not clamped] / temp (du/dv), temp one per example (v's first
-  // dim) or one for all. float32, contiguous or channels_last; CPU only (other devices use the
-  // same formula in PyTorch ops: dqa_ext/robust/attacks/adaptive.py).
-  m.def("sigmoid_staircase(Tensor v, Tensor temp, int qmax) -> (Tensor, Tensor)");
+  // attacks differentiate: (y, d) per element of x, with s its step (one, or one per channel along
+  // channel_dim), v = x / s, z_k = clamp((v - (k - 1/2)) / temp, -30, 30) over k = 1..qmax,
+  // y = s * sum_k sigmoid(z_k) and d = dy/dx = sum_k sigmoid'(z_k) [z_k not clamped] / temp;
+  // temp is one per example (x's first dim) or one for all. float32, contiguous or channels_last;
+  // CPU only (other devices use the same formula in PyTorch ops:
+  // dqa_ext/robust/attacks/adaptive.py).
+  m.def("sigmoid_staircase(Tensor x, Tensor step, Tensor temp, int qmax, int channel_dim) -> (Tensor, Tensor)");
 }
 
 namespace dqa {

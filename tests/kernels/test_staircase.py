@@ -9,7 +9,8 @@ from dqa_ext.robust.attacks.adaptive import _Staircase, _fused_staircase, stairc
 from support.devices import needs_extension
 
 CASES = [((7, 16, 9, 9), (1, 16, 1, 1), False), ((7, 16, 9, 9), (1, 16, 1, 1), True), ((5, 33), (1, 33), False),
-         ((6, 3, 5, 5), (1,), True), ((1, 1), (1,), False)]
+         ((6, 3, 5, 5), (1,), True), ((6, 3, 5, 5), (1, 3, 1, 1), True), ((6, 3, 5, 5), (1, 1, 5, 1), False),
+         ((4, 5, 3), (1, 5, 1), False), ((2, 7, 9), (1, 1, 9), False), ((1, 1), (1,), False)]
 
 
 @pytest.mark.parametrize("shape,step_shape,channels_last", CASES)
@@ -44,6 +45,9 @@ def test_the_twin_surrogate_takes_the_fused_op_on_a_cpu_and_the_formula_elsewher
     assert _fused_staircase(x, s)
     assert not _fused_staircase(x.double(), s) and not _fused_staircase(x[:, :, ::2], s)
     assert not _fused_staircase(x, s.clone().requires_grad_(True))  # the op gives no step gradient
+    assert not _fused_staircase(x, torch.full((1, 3, 4, 1), 0.5))  # not one step per channel of one dim
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert _fused_staircase(cl, s) and not _fused_staircase(cl, torch.full((1, 1, 4, 1), 0.5))
     torch.testing.assert_close(surrogate("sigmoid", x, s, 3, 0.2), staircase_reference(x, s, 3, 0.2))
     leaky = surrogate("leaky_sigmoid", x, s, 3, 0.2, leak=0.1)
     torch.testing.assert_close(leaky, staircase_reference(x, s, 3, 0.2) + 0.1 * x)
@@ -51,21 +55,29 @@ def test_the_twin_surrogate_takes_the_fused_op_on_a_cpu_and_the_formula_elsewher
 
 def test_non_finite_inputs_follow_the_formula():
     needs_extension("cpu")
-    v = torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.5, 1e30, -1e30]])
-    u, d = torch.ops.dqa_ext.sigmoid_staircase(v, torch.tensor([0.1]), 3)
-    assert u[0, 0].isnan() and d[0, 0] == 0  # NaN stays NaN and passes no gradient
-    torch.testing.assert_close(u[0, 1:], staircase_reference(v, torch.ones(1), 3, 0.1)[0, 1:])
+    x = torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.5, 1e30, -1e30]])
+    y, d = torch.ops.dqa_ext.sigmoid_staircase(x, torch.ones(1), torch.tensor([0.1]), 3, 0)
+    assert y[0, 0].isnan() and d[0, 0] == 0  # NaN stays NaN and passes no gradient
+    torch.testing.assert_close(y[0, 1:], staircase_reference(x, torch.ones(1), 3, 0.1)[0, 1:])
     assert torch.equal(d[0, [1, 2, 4, 5]], torch.zeros(4))
 
 
+ONE = torch.ones(1)
+
+
 @pytest.mark.parametrize("args,match", [
-    ((torch.zeros(2, 3, dtype=torch.float64), torch.ones(1), 3), "v must be float32"),
-    ((torch.zeros(()), torch.ones(1), 3), "v must have a batch dim"),
-    ((torch.zeros(4, 6)[:, ::2], torch.ones(1), 3), "v must be contiguous or channels_last"),
-    ((torch.zeros(2, 3), torch.ones(3), 3), "temp must be a float32 vector of 1 or 2"),
-    ((torch.zeros(2, 3), torch.ones(2, 1), 3), "temp must be a float32 vector"),
-    ((torch.zeros(2, 3), torch.ones(1, dtype=torch.float64), 3), "temp must be a float32 vector"),
-    ((torch.zeros(2, 3), torch.ones(1), 0), r"qmax must be in \[1, 255\]"),
+    ((torch.zeros(2, 3, dtype=torch.float64), ONE, ONE, 3, 1), "x must be float32"),
+    ((torch.zeros(()), ONE, ONE, 3, 0), "x must have a batch dim"),
+    ((torch.zeros(4, 6)[:, ::2], ONE, ONE, 3, 1), "x must be contiguous or channels_last"),
+    ((torch.zeros(2, 3), ONE, ONE, 3, 2), "channel_dim 2 is out of range"),
+    ((torch.zeros(2, 3), torch.ones(2), ONE, 3, 1), "step must be float32 on x's device with 1 or 3 values"),
+    ((torch.zeros(2, 3), ONE.double(), ONE, 3, 1), "step must be float32"),
+    ((torch.zeros(2, 3), ONE, torch.ones(3), 3, 1), "temp must be a float32 vector of 1 or 2"),
+    ((torch.zeros(2, 3), ONE, torch.ones(2, 1), 3, 1), "temp must be a float32 vector"),
+    ((torch.zeros(2, 3), ONE, ONE.double(), 3, 1), "temp must be a float32 vector"),
+    ((torch.zeros(2, 3), ONE, ONE, 0, 1), r"qmax must be in \[1, 255\]"),
+    ((torch.zeros(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), torch.ones(4), ONE, 3, 2),
+     "a channels_last x takes per-channel steps along dim 1 only"),
 ])
 def test_bad_input_is_refused_with_one_line(args, match):
     needs_extension("cpu")

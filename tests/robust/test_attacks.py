@@ -248,6 +248,28 @@ def test_near_miss_starts_break_from_near_points_and_skip_images_without_one(dqa
     assert sorted(i for i, _ in out.info["start_hits"]) == torch.nonzero(out.broken).flatten().tolist()
 
 
+def test_the_annealed_twin_counts_only_the_breaks_the_model_itself_confirms(dqa_model, mnist, monkeypatch):
+    """Iterates are checked on a faster copy of the model; a break counts only once the model agrees."""
+    from dqa_ext.robust.attacks import adaptive
+
+    class Liar(torch.nn.Module):  # a "copy" that misclassifies everything the model gets right
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return -self.inner(x)
+
+    monkeypatch.setattr(adaptive, "_twin_layout", Liar)
+    x, y = _xy(mnist, 10)
+    with torch.no_grad():
+        right = dqa_model(x).argmax(1) == y
+    x, y = x[right][:3], y[right][:3]
+    broken, _, hits = adaptive.anneal_starts(dqa_model, x, y, torch.arange(len(x)), 0.0, steps=3, restarts=2,
+                                             t_start=1.0, t_end=0.1)
+    assert not broken.any() and hits.sum() == 0
+
+
 def test_a_twin_runs_a_channels_last_copy_and_leaves_the_model_alone(dqa_model, mnist):
     """On a CPU the twin differentiates a channels_last copy (faster convolutions); its gradients are
     the model's twin's, and the model itself is not converted or touched."""
