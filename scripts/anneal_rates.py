@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dqa_ext.robust.attacks.adaptive import annealed_twin
+from dqa_ext.robust.attacks.anneal import annealed_twin
 from dqa_ext.robust.data import load_mnist5k
 from dqa_ext.robust.checkpoint import load_model
 

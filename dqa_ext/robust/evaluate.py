@@ -141,6 +141,8 @@ def merge_shards(parts, clean) -> dict:
         if by:
             r["broken_by"] = {k: sum(b.get(k, 0) for b in by) for k in dict.fromkeys(k for b in by for k in b)}
         hits = [pair for _, q in rs for pair in q.get("start_hits", [])]  # each rank counted its own images
+        if any("near_misses" in q for _, q in rs):  # so did the near-miss attacks
+            r["near_misses"] = sum(q.get("near_misses", 0) for _, q in rs)
         if hits:
             r["start_hits"] = sorted(hits)
         unverified = sum(q.get("unverified", 0) for _, q in rs)

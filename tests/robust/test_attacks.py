@@ -168,13 +168,13 @@ def test_twin_forwards_are_the_surrogates_and_are_restored(dqa_model, mnist):
 def test_annealed_twin_runs_each_start_on_its_own_schedule(dqa_model, mnist, monkeypatch):
     """The starts of one image run side by side, each annealing from its own t0 (smooth or sharp)
     down to t_end; the temperatures the twin runs at are recorded from inside the surrogate."""
-    from dqa_ext.robust.attacks import adaptive
+    from dqa_ext.robust.attacks import adaptive, anneal
 
-    plans = [adaptive.start_plan(r, 1.0, 0.1) for r in range(8)]
+    plans = [anneal.start_plan(r, 1.0, 0.1) for r in range(8)]
     # the historical restarts first: uniform starts, CE/DLR/margin in turn, smooth and sharp alternating
     assert [(p["loss"], p["t0"], p["start"]) for p in plans[:4]] == [
         (0, 1.0, "uniform"), (1, 0.1, "uniform"), (2, 1.0, "uniform"), (0, 0.1, "uniform")]
-    later = [adaptive.start_plan(r, 1.0, 0.1) for r in range(40, 112)]
+    later = [anneal.start_plan(r, 1.0, 0.1) for r in range(40, 112)]
     assert {(p["loss"], p["t0"]) for p in later[:8]} == {(k, t) for k in range(4) for t in (1.0, 0.1)}
     assert {p["start"] for p in later} == {"uniform", "image", "vertex"} and len({p["step"] for p in later}) == 3
     seen = []
@@ -186,7 +186,7 @@ def test_annealed_twin_runs_each_start_on_its_own_schedule(dqa_model, mnist, mon
         right = dqa_model(x).argmax(1) == y
     x, y = x[right][:1], y[right][:1]
     # An epsilon of 0 keeps the image robust, so every start runs all its steps.
-    broken, _, hits = adaptive.anneal_starts(dqa_model, x, y, torch.arange(1), 0.0, steps=5, restarts=8, t_start=1.0,
+    broken, _, hits = anneal.anneal_starts(dqa_model, x, y, torch.arange(1), 0.0, steps=5, restarts=8, t_start=1.0,
                                              t_end=0.01, t_start_low=0.1)
     assert not broken.any() and hits.tolist() == [0]
     per_step = torch.stack(seen[::len(dqa_modules(dqa_model))]).reshape(5, 8)
@@ -197,10 +197,10 @@ def test_annealed_twin_runs_each_start_on_its_own_schedule(dqa_model, mnist, mon
 
 
 def test_annealed_twin_counts_the_starts_that_break_each_image(dqa_model, mnist):
-    from dqa_ext.robust.attacks import adaptive
+    from dqa_ext.robust.attacks import adaptive, anneal
 
     x, y = _xy(mnist, 20)
-    broken, x_adv, hits = adaptive.anneal_starts(dqa_model, x, y, torch.arange(20), EPS, steps=10, restarts=6,
+    broken, x_adv, hits = anneal.anneal_starts(dqa_model, x, y, torch.arange(20), EPS, steps=10, restarts=6,
                                                  t_start=1.0, t_end=0.03, t_start_low=0.3)
     assert broken.any() and torch.equal(broken, hits > 0) and int(hits.max()) <= 6
     with torch.no_grad():
@@ -208,19 +208,25 @@ def test_annealed_twin_counts_the_starts_that_break_each_image(dqa_model, mnist)
     assert (x_adv - x).abs().max() <= EPS + 1e-6
 
 
-def test_near_miss_starts_break_from_near_points_and_skip_images_without_one(dqa_model, mnist):
-    """twin_anneal_near starts each image around its near miss (sharp temperatures, cosine steps with
-    momentum); images with no near miss are not attacked."""
-    from dqa_ext.robust.attacks import adaptive
+@pytest.mark.parametrize("name", ["twin_anneal_near", "pgd_near"])
+def test_near_miss_starts_break_from_near_points_and_skip_images_without_one(relu_model, dqa_model, mnist,
+                                                                             monkeypatch, name):
+    """twin_anneal_near (through the twin) and pgd_near (the model's own gradients: a ReLU model's
+    too) start each image around its near miss (sharp temperatures, cosine steps with momentum);
+    images with no near miss are not attacked."""
+    from dqa_ext.robust.attacks import adaptive, anneal
     from dqa_ext.robust.attacks.near import NearMisses
     from dqa_ext.robust.attacks.spec import Target
 
-    plans = [adaptive.near_plan(r, 0.3, 0.01) for r in range(8)]
+    plans = [anneal.near_plan(r, 0.3, 0.01) for r in range(8)]
     assert {p["start"] for p in plans} == {"near"} and {p["loss"] for p in plans} == {0, 1, 2, 3}
-    assert sorted({p["t0"] for p in plans}) == pytest.approx([0.1, 0.3]) and all(p["momentum"] > 0 and p["schedule"] == "cosine"
-                                                            for p in plans)
+    assert sorted({p["t0"] for p in plans}) == pytest.approx([0.1, 0.3]) and all(
+        p["momentum"] > 0 and p["schedule"] == "cosine" for p in plans)
+    model = relu_model if name == "pgd_near" else dqa_model
+    if name == "pgd_near":  # no twin: the model's own gradients
+        monkeypatch.setattr(anneal, "Variant", None)
     x, y = _xy(mnist, 40)
-    found, x_apgd = apgd(dqa_model, x, y, torch.arange(40), EPS, steps=20, restarts=1, loss="ce")
+    found, x_apgd = apgd(model, x, y, torch.arange(40), EPS, steps=20, restarts=1, loss="ce")
     assert found.sum() >= 4
     near = NearMisses()
     broke = torch.nonzero(found).flatten()
@@ -229,7 +235,7 @@ def test_near_miss_starts_break_from_near_points_and_skip_images_without_one(dqa
         for a in (0.9, 0.8, 0.6, 0.4, 0.2):
             p = x[i] + a * (x_apgd[i] - x[i])
             with torch.no_grad():
-                m = dqa_model(p[None]).float()[0]
+                m = model(p[None]).float()[0]
             gap = m[y[i]] - m[torch.arange(10) != y[i]].max()
             if gap > 0:
                 near.offer(torch.tensor([i]), gap[None], p[None])
@@ -237,20 +243,21 @@ def test_near_miss_starts_break_from_near_points_and_skip_images_without_one(dqa
     have = [i for i in range(40) if near.point(i) is not None]
     assert len(have) >= 3
     budget = FAST.replace(near_steps=20, near_restarts=4)
-    t = Target(dqa_model, x, y, torch.arange(40), EPS, budget, near=near)
-    out = adaptive.run_twin_anneal_near(t)
+    t = Target(model, x, y, torch.arange(40), EPS, budget, near=near)
+    out = getattr(anneal, f"run_{name}")(t)
     assert out.info["near_misses"] == len(have) and out.info["starts"] == 4
+    assert ("temperature" in out.info) == (name == "twin_anneal_near")
     assert not out.broken[[i for i in range(40) if i not in have]].any()
     assert out.broken.any()
     with torch.no_grad():
-        assert (dqa_model(out.x_adv[out.broken]).argmax(1) != y[out.broken]).all()
+        assert (model(out.x_adv[out.broken]).argmax(1) != y[out.broken]).all()
     assert (out.x_adv - x).abs().max() <= EPS + 1e-6
     assert sorted(i for i, _ in out.info["start_hits"]) == torch.nonzero(out.broken).flatten().tolist()
 
 
 def test_the_annealed_twin_counts_only_the_breaks_the_model_itself_confirms(dqa_model, mnist, monkeypatch):
     """Iterates are checked on a faster copy of the model; a break counts only once the model agrees."""
-    from dqa_ext.robust.attacks import adaptive
+    from dqa_ext.robust.attacks import adaptive, anneal
 
     class Liar(torch.nn.Module):  # a "copy" that misclassifies everything the model gets right
         def __init__(self, inner):
@@ -260,12 +267,12 @@ def test_the_annealed_twin_counts_only_the_breaks_the_model_itself_confirms(dqa_
         def forward(self, x):
             return -self.inner(x)
 
-    monkeypatch.setattr(adaptive, "_twin_layout", Liar)
+    monkeypatch.setattr(anneal, "_twin_layout", Liar)
     x, y = _xy(mnist, 10)
     with torch.no_grad():
         right = dqa_model(x).argmax(1) == y
     x, y = x[right][:3], y[right][:3]
-    broken, _, hits = adaptive.anneal_starts(dqa_model, x, y, torch.arange(len(x)), 0.0, steps=3, restarts=2,
+    broken, _, hits = anneal.anneal_starts(dqa_model, x, y, torch.arange(len(x)), 0.0, steps=3, restarts=2,
                                              t_start=1.0, t_end=0.1)
     assert not broken.any() and hits.sum() == 0
 
@@ -273,7 +280,7 @@ def test_the_annealed_twin_counts_only_the_breaks_the_model_itself_confirms(dqa_
 def test_a_twin_runs_a_channels_last_copy_and_leaves_the_model_alone(dqa_model, mnist):
     """On a CPU the twin differentiates a channels_last copy (faster convolutions); its gradients are
     the model's twin's, and the model itself is not converted or touched."""
-    from dqa_ext.robust.attacks import adaptive
+    from dqa_ext.robust.attacks import adaptive, anneal
 
     x, y = _xy(mnist, 8)
     before = {k: (v.clone(), v.stride()) for k, v in dqa_model.state_dict().items()}

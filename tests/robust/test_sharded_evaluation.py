@@ -164,3 +164,16 @@ def test_merge_keeps_what_a_rank_without_survivors_lacks():
     t = merged["transfer"]
     assert t["status"] == [None, 1, 0] and (t["attacked"], t["broke"]) == (2, 1)
     assert t["broken_by"] == {"relu-pgd": 1} and t["robust_after"] == 1 / 3 and t["seconds"] == 0.3
+
+
+def test_merge_adds_up_each_ranks_near_misses_and_start_counts():
+    import numpy as np
+
+    base = {"attack": "twin_anneal_near", "label": "Twin (annealed, near misses)", "budget": {}, "starts": 8}
+    a = {**base, "attacked": 2, "broke": 1, "status": [1, 0], "robust_after": 0.5, "seconds": 1.0,
+         "near_misses": 2, "start_hits": [[3, 1]]}
+    b = {**base, "attacked": 1, "broke": 1, "status": [0], "robust_after": 0.0, "seconds": 2.0,
+         "near_misses": 1, "start_hits": [[0, 5]]}
+    merged = merge_shards([([0, 3], {"near": a}), ([1], {"near": b})], np.array([True, True, False, True]))
+    r = merged["near"]
+    assert r["near_misses"] == 3 and r["start_hits"] == [[0, 5], [3, 1]] and r["seconds"] == 2.0

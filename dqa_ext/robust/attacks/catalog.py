@@ -8,7 +8,7 @@ The cascade runs in the order of this list; the prefix attacks run beside it.
 from __future__ import annotations
 
 from ..errors import AttackError
-from . import adaptive, paper, repair, scorebased, transfer, whitebox
+from . import adaptive, anneal, paper, repair, scorebased, transfer, whitebox
 from .spec import FAMILIES, STAGES, AttackSpec, Knob
 
 STE, QUANT, BLACK = "straight-through", "quantization-aware", "black-box"
@@ -94,7 +94,7 @@ CATALOG: tuple[AttackSpec, ...] = (
                "exact forward, the derivative of the sigmoid staircase (high T) plus the leak in the backward",
                uses=_TWIN_USES + ("twin_temp_high", "twin_leak"), needs_quantizers=True,
                cost=lambda b: _twin_cost(b, losses=2)),
-    AttackSpec("twin_anneal", "Twin (annealed T)", QUANT, "cascade", adaptive.run_twin_anneal,
+    AttackSpec("twin_anneal", "Twin (annealed T)", QUANT, "cascade", anneal.run_twin_anneal,
                "PGD on the sigmoid-staircase twin with its temperature annealed towards the quantizer, many starts "
                "per image side by side, checked on the model: random starts cycling the CE, DLR and margin losses "
                "and a smooth and a sharp temperature, and beyond the first 40 also targeted losses, starts at the "
@@ -109,17 +109,21 @@ CATALOG: tuple[AttackSpec, ...] = (
                       Knob("anneal_t_end", 0.03, "the temperature every start ends at")),
                needs_quantizers=True, check=_check_anneal_temperatures,
                cost=lambda b: 1.5 * b.anneal_steps * b.anneal_restarts),
-    AttackSpec("twin_anneal_near", "Twin (annealed, near misses)", QUANT, "cascade", adaptive.run_twin_anneal_near,
+    AttackSpec("twin_anneal_near", "Twin (annealed, near misses)", QUANT, "cascade", anneal.run_twin_anneal_near,
                "the annealed twin again from near the point where the attacks so far came closest to breaking each "
                "image (its smallest real margin): sharp temperatures, small cosine-decaying steps with momentum, "
                "the CE, DLR, margin and targeted margin losses in turn; it counts the starts that broke each image",
                knobs=(Knob("near_steps", 100, "PGD steps of each near-miss start"),
-                      Knob("near_restarts", 8, "near-miss starts per image", scales=True),
+                      Knob("near_restarts", 16, "near-miss starts per image", scales=True),
                       Knob("near_t_start", 0.3, "the temperature near-miss starts start from (every second one "
                                                 "from a third of it)"),
                       Knob("near_t_end", 0.01, "the temperature they end at")),
                needs_quantizers=True, check=_check_near_temperatures,
                cost=lambda b: 1.5 * b.near_steps * b.near_restarts),
+    AttackSpec("pgd_near", "PGD (near misses)", STE, "cascade", anneal.run_pgd_near,
+               "the same starts from near each image's near miss with the model's own gradients (straight-through "
+               "ones through quantizers): the local search that fresh random restarts miss",
+               uses=("near_steps", "near_restarts"), cost=lambda b: 1.5 * b.near_steps * b.near_restarts),
     AttackSpec("square", "Square", BLACK, "cascade", scorebased.run_square, "Square (score-based, no gradients)",
                knobs=(Knob("square_queries", 5000, "Square's queries"),
                       Knob("square_p_init", 0.8, "Square's initial fraction of the image a square covers")),
