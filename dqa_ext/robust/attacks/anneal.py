@@ -12,6 +12,7 @@ from torch import nn
 
 from .adaptive import Variant, _twin_layout
 from .common import ce_loss, dlr_loss, example_uniform, margin, project_linf
+from .near import near_points
 from .spec import Outcome, Target
 
 
@@ -199,13 +200,10 @@ def run_pgd_near(t: Target) -> Outcome:
 def _from_near_misses(t: Target, tag: str, through: str) -> Outcome:
     b = t.budget
     broken, x_adv = torch.zeros(len(t.x), dtype=torch.bool), t.x.clone()
-    points = [None if t.near is None else t.near.point(i) for i in t.ids.tolist()]
-    have = [j for j, p in enumerate(points) if p is not None]
+    j, origin = near_points(t.near, t.ids, t.x.device)
     pairs = []
-    if have:
-        j = torch.tensor(have)
+    if len(j):
         dj = j.to(t.x.device)
-        origin = torch.stack([points[k] for k in have]).to(t.x.device)
         hit, xa, hits = anneal_starts(t.model, t.x[dj], t.y[dj], t.ids[j], t.eps, steps=b.near_steps,
                                       restarts=b.near_restarts, t_start=b.near_t_start, t_end=b.near_t_end,
                                       seed=t.seed, tag=tag, batch_size=b.batch_size, near=t.near,
@@ -213,7 +211,7 @@ def _from_near_misses(t: Target, tag: str, through: str) -> Outcome:
                                       through=through)
         broken[j] = hit
         x_adv[dj] = xa
-        pairs = [[int(t.ids[have[k]]), int(hits[k])] for k in torch.nonzero(hit).flatten().tolist()]
+        pairs = [[int(t.ids[j[k]]), int(hits[k])] for k in torch.nonzero(hit).flatten().tolist()]
     info = {"surrogate": "sigmoid", "mode": "twin", "temperature": [b.near_t_start, b.near_t_end]} \
         if through == "twin" else {"gradients": "the model's own (straight-through through quantizers)"}
-    return Outcome(broken, x_adv, {**info, "starts": b.near_restarts, "near_misses": len(have), "start_hits": pairs})
+    return Outcome(broken, x_adv, {**info, "starts": b.near_restarts, "near_misses": len(j), "start_hits": pairs})

@@ -32,3 +32,13 @@ class NearMisses:
 
     def __len__(self) -> int:
         return len(self._best)
+
+
+def near_points(near: NearMisses | None, ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, points): which of the images ``ids`` have a near miss (positions into ids, on the
+    CPU) and those points stacked on ``device``; both empty when none has one."""
+    points = [None if near is None else near.point(i) for i in ids.tolist()]
+    have = [j for j, p in enumerate(points) if p is not None]
+    if not have:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    return torch.tensor(have), torch.stack([points[j] for j in have]).to(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .near import near_points
 from .scorebased import square_linf
 from .spec import Outcome, Target
 
@@ -16,14 +17,11 @@ from .spec import Outcome, Target
 def run_repair(t: Target) -> Outcome:
     b = t.budget
     broken, x_adv = torch.zeros(len(t.x), dtype=torch.bool), t.x.clone()
-    points = [None if t.near is None else t.near.point(i) for i in t.ids.tolist()]
-    have = [j for j, p in enumerate(points) if p is not None]
-    if have:
-        j = torch.tensor(have)
+    j, start = near_points(t.near, t.ids, t.x.device)
+    if len(j):
         dj = j.to(t.x.device)
-        start = torch.stack([points[k] for k in have]).to(t.x.device)
         hit, xa = square_linf(t.model, t.x[dj], t.y[dj], t.ids[j], t.eps, queries=b.repair_queries,
                               p_init=b.repair_p_init, seed=t.seed, tag="repair", batch_size=b.batch_size, start=start)
         broken[j] = hit
         x_adv[dj] = xa.to(t.x.device)
-    return Outcome(broken, x_adv, {"near_misses": len(have)})
+    return Outcome(broken, x_adv, {"near_misses": len(j)})
