@@ -3,6 +3,7 @@
 #include "dqa_math.h"
 
 #include <ATen/ATen.h>
+#include <c10/util/SmallVector.h>
 #include <c10/util/irange.h>
 
 #include <algorithm>
@@ -104,13 +105,16 @@ Blocks blocks_of(const at::Tensor& x, int64_t dim, const at::Tensor& step) {
   if (step.numel() == 1) return {1, 1, numel};
   // Sort the dims of size > 1 by stride, outermost first: for a dense tensor that order is its
   // memory order, so the dims before the channel dim make `outer` and those after make `inner`.
-  std::vector<int64_t> order;
+  // An insertion sort on the stack (stable; a handful of dims): std::stable_sort would allocate a
+  // buffer on every call.
+  c10::SmallVector<int64_t, 8> order;
   for (const auto d : c10::irange(x.dim())) {
-    if (d == dim || x.size(d) > 1) order.push_back(d);
+    if (d != dim && x.size(d) <= 1) continue;
+    order.push_back(d);
+    for (auto k = order.size() - 1; k > 0 && x.stride(order[k]) > x.stride(order[k - 1]); --k) {
+      std::swap(order[k], order[k - 1]);
+    }
   }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return x.stride(a) > x.stride(b);
-  });
   Blocks b{1, x.size(dim), 1};
   bool after = false;
   for (const int64_t d : order) {
