@@ -279,7 +279,7 @@ def evaluate_model(model: nn.Module, x, y, *, ids=None, eps: float, budget: Budg
     xd, yd, pids = x[part].to(dev), y[part].to(dev), ids[part]
     order = _cascade_order(attacks, quantized)
     casc, found_checks = {}, {}
-    near = NearMisses()  # the gradient attacks' closest points, for the repair
+    near = NearMisses()  # the attacks' closest points, for the repair and the near-miss restarts
     with input_gradients_only(model):
         for name in order:
             casc[name] = _on_survivors(name, model, xd, yd, pids, robust, eps, b, seed, sources, progress,

@@ -148,12 +148,45 @@ def test_near_misses_keep_the_closest_point_and_the_repair_crosses_plateaus_from
     near.offer(ids[:1], torch.tensor([0.2]), x[:1] + 0.2)    # farther: not kept
     near.offer(ids[1:], torch.tensor([-0.1]), x[1:] + 0.3)   # a break, not a near miss
     assert near.margin(7) == pytest.approx(0.05) and torch.allclose(near.point(7), x[0] + 0.24) and near.point(9) is None
+    assert torch.equal(near.gradient_point(7), near.point(7))
+    # A score-based search's closer point becomes the closest one, but not the gradient attacks'.
+    near.offer(ids[:1], torch.tensor([0.04]), x[:1] + 0.245, source="search")
+    assert near.margin(7) == pytest.approx(0.04) and torch.allclose(near.point(7), x[0] + 0.245)
+    assert torch.allclose(near.gradient_point(7), x[0] + 0.24)
+    with pytest.raises(ValueError, match="source must be"):
+        near.offer(ids[:1], torch.tensor([0.01]), x[:1], source="mystery")
     model = _Staircase()
     assert (model(near.point(7)[None]).argmax(1) == 0).all()
     # Any single pixel moved leaves the margin unchanged: only a search that accepts ties gets anywhere.
     o = run_repair(Target(model, x, y, ids, 0.3, Budget(repair_queries=300), near=near))
     assert o.broken.tolist() == [True, False] and o.info["near_misses"] == 1  # image 9 had no near miss
     assert (model(o.x_adv[:1]).argmax(1) == 1).all() and (o.x_adv - x).abs().max() <= 0.3 + 1e-6
+
+
+def test_square_offers_its_closest_points_and_runs_before_the_searches_that_start_from_them():
+    from dqa_ext.robust.attacks import catalog
+    from dqa_ext.robust.attacks.common import margin
+    from dqa_ext.robust.attacks.near import NearMisses
+    from dqa_ext.robust.attacks.scorebased import square_linf
+
+    # From a mean pixel of 0.1 the ball (eps 0.3) reaches 0.4 at most: class 1 (0.55) is out of reach,
+    # so images 7 and 8 survive with a margin of at least 0.25; image 9 (mean 0.5) can be broken.
+    x = torch.cat([torch.full((2, 1, 4, 4), 0.1), torch.full((1, 1, 4, 4), 0.5)])
+    y, ids = torch.zeros(3, dtype=torch.long), torch.tensor([7, 8, 9])
+    model, near = _Staircase(), NearMisses()
+    broken, adv = square_linf(model, x, y, ids, 0.3, queries=50, near=near)
+    assert not broken[:2].any()
+    for k, i in enumerate(ids.tolist()):
+        if broken[k]:
+            assert near.point(i) is None  # a break is not a near miss
+        else:
+            m = margin(model(adv[k:k + 1]), y[k:k + 1]).item()
+            assert m > 0 and near.margin(i) == pytest.approx(m) and torch.equal(near.point(i), adv[k])
+            assert near._gradient.get(i) is None  # a search's point, not a gradient attack's
+    # The near-miss restarts start from the closest point of every attack before them, Square's and
+    # the repair's included (on the default report's ReLU model that order broke two more images).
+    order = [s.name for s in catalog.specs() if s.stage == "cascade"]
+    assert order.index("square") < order.index("repair") < order.index("twin_anneal_near") < order.index("pgd_near")
 
 
 def test_evaluations_run_with_tf32_off_and_restore_it(monkeypatch):

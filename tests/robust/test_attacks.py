@@ -222,6 +222,9 @@ def test_near_miss_starts_break_from_near_points_and_skip_images_without_one(rel
     assert {p["start"] for p in plans} == {"near"} and {p["loss"] for p in plans} == {0, 1, 2, 3}
     assert sorted({p["t0"] for p in plans}) == pytest.approx([0.1, 0.3]) and all(
         p["momentum"] > 0 and p["schedule"] == "cosine" for p in plans)
+    for origin in (0, 1):  # each origin gets every loss and both temperatures
+        mine = [p for p in plans if p["origin"] == origin]
+        assert {p["loss"] for p in mine} == {0, 1, 2, 3} and len({p["t0"] for p in mine}) == 2
     model = relu_model if name == "pgd_near" else dqa_model
     if name == "pgd_near":  # no twin: the model's own gradients
         monkeypatch.setattr(anneal, "Variant", None)

@@ -40,10 +40,13 @@ def near_plan(r: int, t_start: float, t_end: float) -> dict:
     """Start ``r`` from a near miss: a point within eps/6 of where the attacks came closest to
     breaking the image, already on the staircase's sharp end (t_start, then alternately a third of
     it, down to t_end), small cosine-decaying steps with momentum, the four losses in turn and the
-    targets cycling over the three likeliest wrong classes. A local search of the real model's
-    neighbourhood where the gradients of a smoother twin stopped helping."""
+    targets cycling over the three likeliest wrong classes. Four starts at a time (every loss and
+    both temperatures) alternate between two origins: the closest point of all the attacks so far
+    (Square's search included) and the gradient attacks' own closest point. A local search of the
+    real model's neighbourhood where the gradients of a smoother twin stopped helping."""
     return {"loss": (2, 0, 1, 3)[r % 4], "t0": t_start if r % 2 == 0 else max(t_end, t_start / 3), "t_end": t_end,
-            "start": "near", "step": 1.0, "schedule": "cosine", "momentum": 0.75, "target_rank": 2 + (r // 4) % 3}
+            "start": "near", "origin": (r // 4) % 2, "step": 1.0, "schedule": "cosine", "momentum": 0.75,
+            "target_rank": 2 + (r // 4) % 3}
 
 
 # Step sizes as fractions of eps: falling in thirds (the classic starts), or a cosine from the first
@@ -77,7 +80,8 @@ def anneal_starts(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start,
     Returns (broken bool [N] on the CPU, x_adv [N], hits int [N]): hits counts, per image, the starts
     that broke it, out of ``restarts``: a convergence measurement (an image that falls to 1 start of
     40 says others may fall to start 41). ``near``: a NearMisses that gets each copy's closest point
-    on the real model; ``origin`` [N]: the points "near" starts start around. ``through="model"``:
+    on the real model; ``origin``: two sets of [N] points, which "near" starts start around (the
+    plan's "origin" picks one). ``through="model"``:
     the model's own gradients instead of the twin's (straight-through ones for quantizers; the
     temperatures then do nothing). Found by an independent
     evaluation of this project's numbers to break PGD-trained quantized models that
@@ -116,7 +120,7 @@ def anneal_starts(model: nn.Module, x, y, ids, eps, *, steps, restarts, t_start,
             elif p["start"] == "vertex":
                 noise[k] = noise[k].sign()
             elif p["start"] == "near":
-                centre[k], noise[k] = origin[int(img[k])].to(x.device), noise[k] / 6
+                centre[k], noise[k] = origin[p["origin"]][int(img[k])].to(x.device), noise[k] / 6
         kind = torch.tensor([p["loss"] for p in plans], device=x.device)
         target = ranked[img, torch.tensor([p["target_rank"] for p in plans]) - 1].to(x.device)
         t0 = _per_copy([p["t0"] for p in plans], x)
@@ -201,14 +205,15 @@ def _from_near_misses(t: Target, tag: str, through: str) -> Outcome:
     b = t.budget
     broken, x_adv = torch.zeros(len(t.x), dtype=torch.bool), t.x.clone()
     j, origin = near_points(t.near, t.ids, t.x.device)
+    _, gradient_origin = near_points(t.near, t.ids, t.x.device, gradient=True)
     pairs = []
     if len(j):
         dj = j.to(t.x.device)
         hit, xa, hits = anneal_starts(t.model, t.x[dj], t.y[dj], t.ids[j], t.eps, steps=b.near_steps,
                                       restarts=b.near_restarts, t_start=b.near_t_start, t_end=b.near_t_end,
                                       seed=t.seed, tag=tag, batch_size=b.batch_size, near=t.near,
-                                      plan=lambda r: near_plan(r, b.near_t_start, b.near_t_end), origin=origin,
-                                      through=through)
+                                      plan=lambda r: near_plan(r, b.near_t_start, b.near_t_end),
+                                      origin=(origin, gradient_origin), through=through)
         broken[j] = hit
         x_adv[dj] = xa
         pairs = [[int(t.ids[j[k]]), int(hits[k])] for k in torch.nonzero(hit).flatten().tolist()]

@@ -109,6 +109,22 @@ CATALOG: tuple[AttackSpec, ...] = (
                       Knob("anneal_t_end", 0.03, "the temperature every start ends at")),
                needs_quantizers=True, check=_check_anneal_temperatures,
                cost=lambda b: 1.5 * b.anneal_steps * b.anneal_restarts),
+    AttackSpec("square", "Square", BLACK, "cascade", scorebased.run_square, "Square (score-based, no gradients)",
+               knobs=(Knob("square_queries", 5000, "Square's queries"),
+                      Knob("square_p_init", 0.8, "Square's initial fraction of the image a square covers")),
+               check=lambda b: _check_fraction("square_p_init", b.square_p_init),
+               cost=lambda b: b.square_queries / 3),
+    AttackSpec("repair", "Repair (near misses)", BLACK, "cascade", repair.run_repair,
+               "Square's search on the real model, ties accepted, from the point where the attacks so far came "
+               "closest to breaking each image (its smallest real margin), after a local pass (small windows, a "
+               "fifth of the queries) from the gradient attacks' closest point; where it ends is the near miss "
+               "the near-miss restarts below start from",
+               knobs=(Knob("repair_queries", 5000, "queries of the near-miss repair per image (fewer left the "
+                                                   "ReLU model's rare points to an independent audit)"),
+                      Knob("repair_p_init", 0.3, "its initial fraction of the image a window covers (the local "
+                                                 "pass: 0.05)")),
+               check=lambda b: _check_fraction("repair_p_init", b.repair_p_init),
+               cost=lambda b: 1.2 * b.repair_queries / 3),
     AttackSpec("twin_anneal_near", "Twin (annealed, near misses)", QUANT, "cascade", anneal.run_twin_anneal_near,
                "the annealed twin again from near the point where the attacks so far came closest to breaking each "
                "image (its smallest real margin): sharp temperatures, small cosine-decaying steps with momentum, "
@@ -124,19 +140,6 @@ CATALOG: tuple[AttackSpec, ...] = (
                "the same starts from near each image's near miss with the model's own gradients (straight-through "
                "ones through quantizers): the local search that fresh random restarts miss",
                uses=("near_steps", "near_restarts"), cost=lambda b: 1.5 * b.near_steps * b.near_restarts),
-    AttackSpec("square", "Square", BLACK, "cascade", scorebased.run_square, "Square (score-based, no gradients)",
-               knobs=(Knob("square_queries", 5000, "Square's queries"),
-                      Knob("square_p_init", 0.8, "Square's initial fraction of the image a square covers")),
-               check=lambda b: _check_fraction("square_p_init", b.square_p_init),
-               cost=lambda b: b.square_queries / 3),
-    AttackSpec("repair", "Repair (near misses)", BLACK, "cascade", repair.run_repair,
-               "Square's search on the real model, small windows and ties accepted, from the point where the "
-               "gradient attacks came closest to breaking each image (its smallest real margin)",
-               knobs=(Knob("repair_queries", 1000, "queries of the near-miss repair per image"),
-                      Knob("repair_p_init", 0.05, "its initial fraction of the image a window covers (small: a "
-                                                  "local search)")),
-               check=lambda b: _check_fraction("repair_p_init", b.repair_p_init),
-               cost=lambda b: b.repair_queries / 3),
     AttackSpec("transfer", "Transfer", BLACK, "cascade", transfer.run_transfer,
                "the other models' high-loss points",
                knobs=(Knob("transfer_steps", 100, "APGD-CE steps crafting each model's transfer candidates"),)),

@@ -9,7 +9,9 @@ import math
 import numpy as np
 import torch
 
+from .adaptive import _twin_layout
 from .common import example_generators, margin, project_linf
+from .near import SEARCH
 from .spec import Outcome, Target
 
 
@@ -24,21 +26,28 @@ def _p_selection(p_init: float, it: int, n_queries: int) -> float:
 
 
 @torch.no_grad()
-def square_linf(model, x, y, ids, eps, *, queries, p_init=0.8, seed=0, tag="square", batch_size=500, start=None):
+def square_linf(model, x, y, ids, eps, *, queries, p_init=0.8, seed=0, tag="square", batch_size=500, start=None,
+                near=None):
     """Returns (broken bool [N] on the CPU, x_adv [N]). model: logits of the real model. ``start``:
-    the points to search from (inside the ball; default: Square's vertical stripes of +-eps)."""
+    the points to search from (inside the ball; default: Square's vertical stripes of +-eps).
+    ``near``: a NearMisses that gets each survivor's final point (the smallest margin Square found)."""
     n = len(x)
     broken = torch.zeros(n, dtype=torch.bool)
     x_adv = x.clone()
+    # The queries go to a channels_last copy on a CPU (a third faster); what each search ends at is
+    # judged on the model itself.
+    query = _twin_layout(model)
     for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)
-        b, xa = _square_batch(model, x[sl], y[sl], ids[sl], eps, queries, p_init, seed, tag,
-                              None if start is None else start[sl])
+        b, xa, m = _square_batch(model, query, x[sl], y[sl], ids[sl], eps, queries, p_init, seed, tag,
+                                 None if start is None else start[sl])
         broken[sl], x_adv[sl] = b.cpu(), xa
+        if near is not None:
+            near.offer(ids[sl], m, xa, source=SEARCH)
     return broken, x_adv
 
 
-def _square_batch(model, x, y, ids, eps, queries, p_init, seed, tag, start=None):
+def _square_batch(model, query, x, y, ids, eps, queries, p_init, seed, tag, start=None):
     n, c, h, w = x.shape
     dev = x.device
     # Each example's whole random stream, drawn up front from its own generator: the start's
@@ -49,7 +58,7 @@ def _square_batch(model, x, y, ids, eps, queries, p_init, seed, tag, start=None)
     draws = torch.from_numpy(np.stack([g.random((queries, 2 + c)) for g in gens]).astype(np.float32)).to(dev)
     init = sign(init.to(dev)).view(n, c, 1, w)  # vertical stripes of +-eps, as in the paper
     x_best = (x + eps * init).clamp(0.0, 1.0) if start is None else project_linf(start.to(dev), x, eps)
-    m_best = margin(model(x_best).float(), y)
+    m_best = margin(query(x_best).float(), y)
     rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
     for it in range(queries):
         act = torch.nonzero(m_best > 0).flatten()
@@ -64,13 +73,14 @@ def _square_batch(model, x, y, ids, eps, queries, p_init, seed, tag, start=None)
         delta = 2.0 * eps * sign(u[:, 2:2 + c]).view(-1, c, 1, 1) * window[:, None].float()
         xa, xc = x_best[act], x[act]
         x_new = project_linf(xa + delta, xc, eps)
-        m_new = margin(model(x_new).float(), y[act])
+        m_new = margin(query(x_new).float(), y[act])
         better = m_new <= m_best[act]  # ties too: on a piecewise-constant model progress crosses plateaus
         x_best[act[better]], m_best[act[better]] = x_new[better], m_new[better]
-    return (model(x_best).float().argmax(1) != y).cpu(), x_best.cpu()
+    logits = model(x_best).float()
+    return (logits.argmax(1) != y).cpu(), x_best.cpu(), margin(logits, y).cpu()
 
 
 def run_square(t: Target) -> Outcome:
     b = t.budget
     return Outcome(*square_linf(t.model, t.x, t.y, t.ids, t.eps, queries=b.square_queries, p_init=b.square_p_init,
-                                seed=t.seed, tag="square", batch_size=b.batch_size))
+                                seed=t.seed, tag="square", batch_size=b.batch_size, near=t.near))

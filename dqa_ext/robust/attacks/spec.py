@@ -45,8 +45,8 @@ class Target:
     """What every attack gets. x, y: the images to attack and their labels, on the model's device;
     ids: each image's index in the test set (keys its random streams, so results do not depend on
     batching or sharding); sources: other models' transfer candidates, indexed by test-set index;
-    x_seed: held-out images (the substitute attack's seed set); near: the gradient attacks' closest
-    points so far on the real model (near.NearMisses), for the repair attack."""
+    x_seed: held-out images (the substitute attack's seed set); near: the attacks' closest points
+    so far on the real model (near.NearMisses), for the repair and the near-miss restarts."""
     model: nn.Module
     x: torch.Tensor
     y: torch.Tensor
