@@ -134,19 +134,21 @@ NodePtr make_node() {
 at::Tensor fake_quantize_autograd(const at::Tensor& x, const at::Tensor& step, int64_t qmin,
                                   int64_t qmax, int64_t channel_dim, double grad_scale,
                                   double min_step) {
+  // The refusals come before any work.
   TORCH_CHECK(!x._fw_grad(/*level=*/0).defined() && !step._fw_grad(/*level=*/0).defined(), kNoForwardAD);
+  const bool record = torch::autograd::compute_requires_grad(x, step);
+  // Under torch.func the op is not differentiable (dqa_ext.functional runs the reference there):
+  // the same refusal a C++ Function gives.
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor(); record && functorch_tls) {
+    functorch_tls->checkSupportsCppAutogradFunction();
+  }
   at::Tensor y;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     y = call_fake_quantize(x, step, qmin, qmax, channel_dim, grad_scale, min_step);
   }
   // Nothing to record (no_grad, inference, or no input that requires grad): the kernel alone.
-  if (!torch::autograd::compute_requires_grad(x, step)) return y;
-  // Under torch.func the op is not differentiable (dqa_ext.functional runs the reference there):
-  // the same refusal a C++ Function gives.
-  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) {
-    functorch_tls->checkSupportsCppAutogradFunction();
-  }
+  if (!record) return y;
   auto node = make_node<FakeQuantizeBackward>();
   auto* n = static_cast<FakeQuantizeBackward*>(node.get());
   n->set_next_edges(torch::autograd::collect_next_edges(x, step));
