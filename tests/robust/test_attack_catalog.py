@@ -208,3 +208,27 @@ def test_evaluations_run_with_tf32_off_and_restore_it(monkeypatch):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_the_near_miss_restarts_take_their_own_steps(monkeypatch):
+    """Through the twin the near-miss restarts take near_steps (long: the temperature falls slowly);
+    with the model's own gradients near_pgd_steps. Both start from the same near misses."""
+    from dqa_ext.robust.attacks import anneal
+    from dqa_ext.robust.attacks.near import NearMisses
+
+    seen = {}
+
+    def record(model, x, y, ids, eps, *, steps, through, **kw):
+        seen[through] = (steps, kw["restarts"], len(x))
+        return torch.zeros(len(x), dtype=torch.bool), x.clone(), torch.zeros(len(x), dtype=torch.long)
+
+    monkeypatch.setattr(anneal, "anneal_starts", record)
+    x, y = torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    near = NearMisses()
+    near.offer(torch.tensor([5, 7]), torch.tensor([0.3, 0.2]), x[1:] * 0.9)
+    b = Budget(near_steps=7, near_pgd_steps=3, near_restarts=2)
+    for runner in (anneal.run_twin_anneal_near, anneal.run_pgd_near):
+        out = runner(Target(torch.nn.Identity(), x, y, torch.tensor([4, 5, 7]), 0.1, b, near=near))
+        assert out.info["near_misses"] == 2 and not out.broken.any()
+    assert seen == {"twin": (7, 2, 2), "model": (3, 2, 2)}
+    assert Budget().near_steps == 400 and Budget().near_pgd_steps == 100

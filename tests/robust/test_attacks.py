@@ -245,7 +245,7 @@ def test_near_miss_starts_break_from_near_points_and_skip_images_without_one(rel
                 break
     have = [i for i in range(40) if near.point(i) is not None]
     assert len(have) >= 3
-    budget = FAST.replace(near_steps=20, near_restarts=4)
+    budget = FAST.replace(near_steps=20, near_pgd_steps=20, near_restarts=4)
     t = Target(model, x, y, torch.arange(40), EPS, budget, near=near)
     out = getattr(anneal, f"run_{name}")(t)
     assert out.info["near_misses"] == len(have) and out.info["starts"] == 4

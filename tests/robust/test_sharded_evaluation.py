@@ -21,8 +21,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 ARCH = {"channels": [8, 16], "hidden": 32, "kernel": 3}
 # Every attack of the default suite at a toy budget; n is odd so that the ranks' parts differ.
 TINY = Budget(n=31, apgd_steps=8, apgd_restarts=1, apgd_t_targets=2, apgd_t_restarts=1, square_queries=60,
-              repair_queries=30, twin_steps=8, twin_restarts=1, twin_targets=2, anneal_steps=8, anneal_restarts=2, transfer_steps=5,
-              sweep_n=17, sweep_steps=5, pgd_steps=5, cw_n=6, cw_steps=10, cw_search=2, zoo_n=2, zoo_steps=5,
+              repair_queries=30, twin_steps=8, twin_restarts=1, twin_targets=2, anneal_steps=8, anneal_restarts=2,
+              near_steps=8, near_pgd_steps=8, transfer_steps=5, sweep_n=17, sweep_steps=5, pgd_steps=5, cw_n=6,
+              cw_steps=10, cw_search=2, zoo_n=2, zoo_steps=5,
               sub_seeds=60, sub_rounds=2, sub_epochs=2)
 EPS = 0.15
 

@@ -209,7 +209,8 @@ def _from_near_misses(t: Target, tag: str, through: str) -> Outcome:
     pairs = []
     if len(j):
         dj = j.to(t.x.device)
-        hit, xa, hits = anneal_starts(t.model, t.x[dj], t.y[dj], t.ids[j], t.eps, steps=b.near_steps,
+        steps = b.near_steps if through == "twin" else b.near_pgd_steps
+        hit, xa, hits = anneal_starts(t.model, t.x[dj], t.y[dj], t.ids[j], t.eps, steps=steps,
                                       restarts=b.near_restarts, t_start=b.near_t_start, t_end=b.near_t_end,
                                       seed=t.seed, tag=tag, batch_size=b.batch_size, near=t.near,
                                       plan=lambda r: near_plan(r, b.near_t_start, b.near_t_end),

@@ -129,7 +129,9 @@ CATALOG: tuple[AttackSpec, ...] = (
                "the annealed twin again from near the point where the attacks so far came closest to breaking each "
                "image (its smallest real margin): sharp temperatures, small cosine-decaying steps with momentum, "
                "the CE, DLR, margin and targeted margin losses in turn; it counts the starts that broke each image",
-               knobs=(Knob("near_steps", 100, "PGD steps of each near-miss start"),
+               knobs=(Knob("near_steps", 400, "PGD steps of each near-miss start through the twin (long, so that the "
+                                              "temperature falls slowly: scripts/near_restart_budget.py measures "
+                                              "what longer starts break against more starts)"),
                       Knob("near_restarts", 16, "near-miss starts per image", scales=True),
                       Knob("near_t_start", 0.3, "the temperature near-miss starts start from (every second one "
                                                 "from a third of it)"),
@@ -139,7 +141,9 @@ CATALOG: tuple[AttackSpec, ...] = (
     AttackSpec("pgd_near", "PGD (near misses)", STE, "cascade", anneal.run_pgd_near,
                "the same starts from near each image's near miss with the model's own gradients (straight-through "
                "ones through quantizers): the local search that fresh random restarts miss",
-               uses=("near_steps", "near_restarts"), cost=lambda b: 1.5 * b.near_steps * b.near_restarts),
+               knobs=(Knob("near_pgd_steps", 100, "PGD steps of each of its starts (no temperature to anneal: "
+                                                  "longer starts broke no more on the default PGD-trained ReLU model)"),),
+               uses=("near_restarts",), cost=lambda b: 1.5 * b.near_pgd_steps * b.near_restarts),
     AttackSpec("transfer", "Transfer", BLACK, "cascade", transfer.run_transfer,
                "the other models' high-loss points",
                knobs=(Knob("transfer_steps", 100, "APGD-CE steps crafting each model's transfer candidates"),)),
