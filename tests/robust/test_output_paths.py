@@ -229,6 +229,8 @@ def test_ctrl_c_while_torch_writes_a_checkpoint_is_an_interrupt(tmp_path):
     import subprocess
     import sys
 
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # e.g. a background job of a script
+        pytest.skip("SIGINT is ignored in this process (inherited): no Ctrl-C can arrive")
     target = tmp_path / "m.pt"
     run = subprocess.run([sys.executable, "-c", _CTRL_C_IN_SAVE, str(target)], capture_output=True, text=True,
                          timeout=300)
