@@ -19,10 +19,8 @@ from dqa_ext.robust.attacks.common import input_gradients_only
 from dqa_ext.robust.attacks.near import NearMisses, near_points
 from dqa_ext.robust.checkpoint import load_model
 from dqa_ext.robust.data import load_mnist5k
-from dqa_ext.robust.evaluate import run_cascade_attack
+from dqa_ext.robust.evaluate import _cascade_order, run_cascade_attack
 
-BEFORE = ["apgd_ce", "apgd_t", "twin_clip", "twin_sig_low", "twin_sig_high", "bpda_sig", "bpda_identity",
-          "twin_leaky_clip", "bpda_leaky_sig", "twin_anneal", "square", "repair"]
 
 
 def main(report, name, *variants):
@@ -31,12 +29,12 @@ def main(report, name, *variants):
     x, y, ids = d.x_test[:200].float(), d.y_test[:200].long(), torch.arange(200)
     model = load_model(f"{report}/models/{name}.pt").eval()
     b, near, quantized = Budget(n=200), NearMisses(), has_quantizers(model)
+    order = _cascade_order(catalog.default_attacks(), quantized)
+    before = order[:order.index("repair") + 1]  # the default cascade up to the repair, in its order
     with torch.no_grad():
         robust = model(x).argmax(1) == y
     with input_gradients_only(model):
-        for a in BEFORE:
-            if catalog.spec(a).needs_quantizers and not quantized:
-                continue
+        for a in before:
             todo = torch.nonzero(robust).flatten()
             broken, _, _ = run_cascade_attack(a, model, x[todo], y[todo], ids[todo], 0.3, b, near=near)
             robust[todo[broken]] = False
